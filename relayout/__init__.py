@@ -1,0 +1,1 @@
+"""relayout: MoE LoRA adapter layouts as data (rules -> compiled plans -> normalized adapters)."""

@@ -1,0 +1,1 @@
+"""runtime: Triton MoE multi-LoRA forward over normalized adapters."""
