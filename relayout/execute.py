@@ -1,0 +1,109 @@
+"""Plan execution: source tensors -> normalized tensors and back, one rearrange per source tensor, on any device."""
+from __future__ import annotations
+
+from typing import Mapping
+
+import einops
+import torch
+
+from relayout.compiler import Op, Plan
+from relayout.errors import RelayoutError
+
+
+def _axis_pos(side: str, axis: str) -> int:
+    return side.split().index(axis)
+
+
+def _forward_op(op: Op, tensors: Mapping[str, torch.Tensor], block: str) -> dict[str, torch.Tensor]:
+    sources = [tensors[k] for k in op.keys]
+    x = torch.stack(sources) if op.stacked else sources[0]
+    sizes = dict(op.sizes)
+    pattern = f"{op.lhs} -> {op.rhs}"
+    y = einops.repeat(x, pattern, **sizes) if op.repeated else einops.rearrange(x, pattern, **sizes)
+    if op.diagonal is not None:
+        y = _take_diagonal(y, op, block)
+    parts = y.unbind(_axis_pos(_rhs_after_diag(op), op.split)) if op.split else [y] * len(op.targets)
+    return {t: p.contiguous() for t, p in zip(op.targets, parts)}
+
+
+def _rhs_after_diag(op: Op) -> str:
+    return " ".join(a for a in op.rhs.split() if not (op.diagonal and a == op.diagonal[1]))
+
+
+def _take_diagonal(y: torch.Tensor, op: Op, block: str) -> torch.Tensor:
+    a, b = _axis_pos(op.rhs, op.diagonal[0]), _axis_pos(op.rhs, op.diagonal[1])
+    moved = y.movedim((a, b), (0, 1))
+    n = moved.shape[0]
+    off = moved.clone()
+    for k in range(n):
+        off[k, k].zero_()
+    if torch.count_nonzero(off):
+        raise RelayoutError(f"tensor '{block}{op.keys[0]}': not block-diagonal over ({op.diagonal[0]}, {op.diagonal[1]}): "
+                            f"{int(torch.count_nonzero(off))} non-zero values off the diagonal blocks")
+    return torch.stack([moved[k, k] for k in range(n)]).movedim(0, a)
+
+
+def forward(plan: Plan, tensors: Mapping[str, torch.Tensor], block: str = "") -> dict[str, torch.Tensor]:
+    """Source tensors of one block (relative keys) -> normalized targets ('w1.lora_a', ...), on their device."""
+    out: dict[str, torch.Tensor] = {}
+    try:
+        for op in plan.ops:
+            out.update(_forward_op(op, tensors, block))
+    except RelayoutError as exc:
+        raise RelayoutError(f"{plan.file}: rule {plan.rule}, layout {plan.layout}: {exc}") from None
+    return out
+
+
+def _gather_targets(op: Op, normalized: Mapping[str, torch.Tensor], block: str) -> torch.Tensor:
+    if op.split:
+        return torch.stack([normalized[t] for t in op.targets], dim=_axis_pos(_rhs_after_diag(op), op.split))
+    first = normalized[op.targets[0]]
+    for other in op.targets[1:]:
+        if not torch.equal(first, normalized[other]):
+            raise RelayoutError(f"layout stores one tensor for {', '.join(op.targets)} ('{block}{op.keys[0]}'), "
+                                f"but {op.targets[0]} and {other} differ: write a layout that keeps them apart "
+                                f"(peft-2d, or peft-3d-blockdiag)")
+    return first
+
+
+def _put_diagonal(y: torch.Tensor, op: Op) -> torch.Tensor:
+    a, b = _axis_pos(op.rhs, op.diagonal[0]), _axis_pos(op.rhs, op.diagonal[1])
+    n = y.shape[a]
+    full = y.new_zeros((n,) + y.shape).movedim(0, b)  # insert the second diagonal axis at its place
+    moved, src = full.movedim((a, b), (0, 1)), y.movedim(a, 0)
+    for k in range(n):
+        moved[k, k] = src[k]
+    return full
+
+
+def _unrepeat(y: torch.Tensor, op: Op, block: str) -> tuple[torch.Tensor, str]:
+    rhs = op.rhs.split()
+    for axis in op.repeated:
+        pos = rhs.index(axis)
+        first = y.narrow(pos, 0, 1)
+        if not torch.equal(y, first.expand_as(y)):
+            raise RelayoutError(f"'{block}{op.keys[0]}' is shared by all values of axis {axis}, "
+                                f"but the normalized tensors differ along it")
+        y, rhs[pos] = first, "1"
+    return y, " ".join(rhs)
+
+
+def inverse(plan: Plan, normalized: Mapping[str, torch.Tensor], block: str = "") -> dict[str, torch.Tensor]:
+    """Normalized targets -> the plan's source tensors (relative keys); raises where the layout cannot hold them."""
+    try:
+        return _inverse(plan, normalized, block)
+    except RelayoutError as exc:
+        raise RelayoutError(f"{plan.file}: rule {plan.rule}, layout {plan.layout}: {exc}") from None
+
+
+def _inverse(plan: Plan, normalized: Mapping[str, torch.Tensor], block: str) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for op in plan.ops:
+        y = _gather_targets(op, normalized, block)
+        if op.diagonal is not None:
+            y = _put_diagonal(y, op)
+        y, rhs = _unrepeat(y, op, block)
+        x = einops.rearrange(y, f"{rhs} -> {op.lhs}", **dict(op.sizes)).contiguous()
+        parts = x.unbind(0) if op.stacked else [x]
+        out.update({k: p.contiguous() for k, p in zip(op.keys, parts)})
+    return out
