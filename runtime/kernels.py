@@ -1,0 +1,354 @@
+"""Triton kernels: route (histogram -> prefix -> scatter) -> shrink x -> gate/up+LoRA+act -> shrink h -> down+LoRA."""
+import triton
+import triton.language as tl
+
+
+# ----------------------------------------------------------------------------- helpers
+@triton.jit
+def _dot(a, b, acc, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """acc + a @ b; UPCAST computes in fp32 (the CPU interpreter gets bf16 dots wrong)."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=PREC)
+
+
+@triton.jit
+def _swizzle(pid, num_m, num_n, GROUP_M: tl.constexpr):
+    """Grouped program order: GROUP_M row blocks (one expert's, mostly) share each weight tile."""
+    width = GROUP_M * num_n
+    group = pid // width
+    first_m = group * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _block_rows(sorted_ids_ptr, token_lora_ptr, pid_m, P, S,
+                TOPK: tl.constexpr, BLOCK_M: tl.constexpr, HAS_LORA: tl.constexpr):
+    """Rows of one block: sorted row index, pair id, validity, token, slot (-1 = none)."""
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    ids = tl.load(sorted_ids_ptr + rows)
+    valid = ids < P
+    tok = ids // TOPK
+    if HAS_LORA:
+        slot = tl.load(token_lora_ptr + tok, mask=valid, other=-1).to(tl.int32)
+        slot = tl.where(valid & (slot >= 0) & (slot < S), slot, -1)
+    else:
+        slot = tl.full((BLOCK_M,), -1, tl.int32)
+    return rows, ids, valid, tok, slot
+
+
+@triton.jit
+def _route_keys(topk_ids_ptr, token_lora_ptr, offs, P, E, S,
+                TOPK: tl.constexpr, S1P: tl.constexpr, HAS_LORA: tl.constexpr):
+    """Sort key expert * S1P + (slot + 1) of each (token, k) pair; mask drops bad expert ids."""
+    inb = offs < P
+    e = tl.load(topk_ids_ptr + offs, mask=inb, other=0).to(tl.int32)
+    if HAS_LORA:
+        s = tl.load(token_lora_ptr + offs // TOPK, mask=inb, other=-1).to(tl.int32)
+        s = tl.where((s >= 0) & (s < S), s, -1) + 1
+    else:
+        s = tl.zeros_like(e)
+    return e * S1P + s, inb & (e >= 0) & (e < E)
+
+
+# ----------------------------------------------------------------------------- routing
+@triton.jit
+def route_histogram_kernel(
+    topk_ids_ptr,  # (P,) int expert of each pair
+    token_lora_ptr,  # (T,) int slot of each token
+    counts_ptr,  # (E_PAD * S1P,) int32, zeroed: pairs per (expert, slot + 1)
+    P, E, S,
+    TOPK: tl.constexpr, S1P: tl.constexpr, HAS_LORA: tl.constexpr, BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    key, ok = _route_keys(topk_ids_ptr, token_lora_ptr, offs, P, E, S, TOPK, S1P, HAS_LORA)
+    tl.atomic_add(counts_ptr + key, 1, mask=ok)
+
+
+@triton.jit
+def route_prefix_kernel(
+    counts_ptr,  # (E_PAD * S1P,) int32 pairs per key
+    cursor_ptr,  # (E_PAD * S1P,) int32 out: first sorted row of each key
+    sorted_ids_ptr,  # (M_MAX,) int32 out: padding rows of each expert set to P
+    block_expert_ptr,  # (NB_MAX,) int32 out: expert of each row block, -1 past the end
+    P, NB_MAX,
+    S1P: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BB: tl.constexpr,
+):
+    e = tl.arange(0, E_PAD)
+    idx = e[:, None] * S1P + tl.arange(0, S1P)[None, :]
+    cnt = tl.load(counts_ptr + idx)
+    ecount = tl.sum(cnt, axis=1)
+    epad = (ecount + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    eend = tl.cumsum(epad, axis=0)
+    estart = eend - epad
+    tl.store(cursor_ptr + idx, estart[:, None] + tl.cumsum(cnt, axis=1) - cnt)
+    j = tl.arange(0, BLOCK_M)[None, :]
+    pad = tl.zeros((E_PAD, BLOCK_M), tl.int32) + P
+    tl.store(sorted_ids_ptr + (estart + ecount)[:, None] + j, pad, mask=j < (epad - ecount)[:, None])
+    total = tl.sum(epad, axis=0)
+    for b0 in range(0, NB_MAX, BB):
+        b = b0 + tl.arange(0, BB)
+        start = b * BLOCK_M
+        be = tl.sum((eend[None, :] <= start[:, None]).to(tl.int32), axis=1)
+        tl.store(block_expert_ptr + b, tl.where(start < total, be, -1), mask=b < NB_MAX)
+
+
+@triton.jit
+def route_scatter_kernel(
+    topk_ids_ptr,  # (P,) int
+    token_lora_ptr,  # (T,) int
+    cursor_ptr,  # (E_PAD * S1P,) int32 next free sorted row of each key
+    sorted_ids_ptr,  # (M_MAX,) int32 out: pair id of each sorted row
+    P, E, S,
+    TOPK: tl.constexpr, S1P: tl.constexpr, HAS_LORA: tl.constexpr, BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    key, ok = _route_keys(topk_ids_ptr, token_lora_ptr, offs, P, E, S, TOPK, S1P, HAS_LORA)
+    pos = tl.atomic_add(cursor_ptr + key, 1, mask=ok)
+    tl.store(sorted_ids_ptr + pos, offs, mask=ok)
+
+
+# ----------------------------------------------------------------------------- LoRA shrink
+@triton.jit
+def _shrink_run(in_ptrs, a_base, sel, D, R, stride_ar,
+                BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, RP: tl.constexpr,
+                EVEN_K: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """(BLOCK_M, RP) fp32 = in[sel rows] @ A^T over the D input features."""
+    r = tl.arange(0, RP)
+    kk = tl.arange(0, BLOCK_K)
+    a_ptrs = a_base + r[None, :] * stride_ar + kk[:, None]
+    acc = tl.zeros((BLOCK_M, RP), tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        if EVEN_K:
+            v = tl.load(in_ptrs, mask=sel[:, None], other=0.0)
+            a = tl.load(a_ptrs, mask=(r < R)[None, :], other=0.0)
+        else:
+            kin = (k0 + kk) < D
+            v = tl.load(in_ptrs, mask=sel[:, None] & kin[None, :], other=0.0)
+            a = tl.load(a_ptrs, mask=(r < R)[None, :] & kin[:, None], other=0.0)
+        acc = _dot(v, a, acc, UPCAST, PREC)
+        in_ptrs += BLOCK_K
+        a_ptrs += BLOCK_K
+    return acc
+
+
+@triton.jit
+def lora_shrink_kernel(
+    # pointers
+    in_ptr,  # (T, D) x gathered by token (GATHER) | (M_MAX, D) h by sorted row
+    a0_ptr,  # (S, E, R, D) lora_a of projection PROJ0 (w1, or w2)
+    a1_ptr,  # (S, E, R, D) lora_a of projection PROJ0 + 1 (w3), read by program_id(1) == 1
+    out_ptr,  # (M_MAX, NPROJ * RP) fp32 out: unscaled shrink per projection
+    sorted_ids_ptr,  # (M_MAX,) int32
+    block_expert_ptr,  # (NB_MAX,) int32
+    token_lora_ptr,  # (T,) int
+    present_ptr,  # (S, 3) int32
+    shared_ptr,  # (S,) int32
+    # sizes
+    D, R, P, S,
+    # strides
+    stride_in, stride_as, stride_ae, stride_ar, stride_om,
+    # meta
+    PROJ0: tl.constexpr, GATHER: tl.constexpr, TOPK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, RP: tl.constexpr,
+    EVEN_K: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    j = tl.program_id(1)
+    e = tl.load(block_expert_ptr + pid_m)
+    if e < 0:
+        return
+    rows, ids, valid, tok, slot = _block_rows(sorted_ids_ptr, token_lora_ptr, pid_m, P, S,
+                                              TOPK, BLOCK_M, True)
+    src = tok if GATHER else rows
+    in_ptrs = in_ptr + src.to(tl.int64)[:, None] * stride_in + tl.arange(0, BLOCK_K)[None, :]
+    if j == 0:
+        a_ptr = a0_ptr
+    else:
+        a_ptr = a1_ptr
+    r = tl.arange(0, RP)
+    out_ptrs = out_ptr + rows[:, None] * stride_om + j * RP + r[None, :]
+    s_lo = tl.min(tl.where(slot >= 0, slot, S), axis=0)
+    s_hi = tl.max(slot, axis=0)
+    for s in range(s_lo, s_hi + 1):
+        sel = slot == s
+        on = tl.load(present_ptr + s * 3 + PROJ0 + j)
+        if PROJ0 == 0:
+            on = on * (1 - j * tl.load(shared_ptr + s))  # up shares gate's shrink
+        if (tl.max(sel.to(tl.int32), axis=0) > 0) & (on != 0):
+            a_base = a_ptr + tl.cast(s, tl.int64) * stride_as + e.to(tl.int64) * stride_ae
+            acc = _shrink_run(in_ptrs, a_base, sel, D, R, stride_ar,
+                              BLOCK_M, BLOCK_K, RP, EVEN_K, UPCAST, PREC)
+            tl.store(out_ptrs, acc, mask=sel[:, None])
+
+
+# ----------------------------------------------------------------------------- LoRA expand
+@triton.jit
+def _expand_run(acc, sh_ptrs, scale, sel, b_base, n, n_ok, R, stride_bn,
+                RP: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """acc + (scale * shrink[sel rows]) @ B[n]^T  -- B (N, R) of one (slot, expert)."""
+    r = tl.arange(0, RP)
+    v = tl.load(sh_ptrs, mask=sel[:, None], other=0.0) * scale
+    b = tl.load(b_base + n[None, :] * stride_bn + r[:, None], mask=(r < R)[:, None] & n_ok[None, :],
+                other=0.0)
+    return _dot(v.to(b.dtype), b, acc, UPCAST, PREC)
+
+
+# ----------------------------------------------------------------------------- activations
+@triton.jit
+def _activate(g, u, ACT: tl.constexpr):
+    """ACT 0: silu(g) * u; ACT 1: GPT-OSS clamped SwiGLU g*sigmoid(1.702 g)*(u+1), limit 7."""
+    if ACT == 0:
+        return g * tl.sigmoid(g) * u
+    g = tl.minimum(g, 7.0)
+    u = tl.minimum(tl.maximum(u, -7.0), 7.0)
+    return g * tl.sigmoid(1.702 * g) * (u + 1.0)
+
+
+# ----------------------------------------------------------------------------- gate/up
+@triton.jit
+def gate_up_kernel(
+    # pointers
+    x_ptr,  # (T, H)
+    w13_ptr,  # (E, 2I, H) gate rows then up rows
+    b13_ptr,  # (E, 2I) bias (read only if HAS_BIAS)
+    h_ptr,  # (M_MAX, I) out: act(gate) * up per sorted row
+    sorted_ids_ptr,  # (M_MAX,) int32
+    block_expert_ptr,  # (NB_MAX,) int32
+    token_lora_ptr,  # (T,) int
+    xa_ptr,  # (M_MAX, 2 * RP) fp32 gate/up shrink of x
+    w1b_ptr,  # (S, E, I, R) gate lora_b
+    w3b_ptr,  # (S, E, I, R) up lora_b
+    scale_ptr,  # (S, 3) fp32
+    present_ptr,  # (S, 3) int32
+    shared_ptr,  # (S,) int32
+    # sizes
+    H, I, R, P, S, NB_MAX,
+    # strides
+    stride_xt, stride_we, stride_wn, stride_be, stride_hm, stride_xam, stride_bs, stride_bse, stride_bn,
+    # meta
+    TOPK: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    RP: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+):
+    pid_m, pid_n = _swizzle(tl.program_id(0), NB_MAX, tl.cdiv(I, BLOCK_N), GROUP_M)
+    e = tl.load(block_expert_ptr + pid_m)
+    if e < 0:
+        return
+    rows, ids, valid, tok, slot = _block_rows(sorted_ids_ptr, token_lora_ptr, pid_m, P, S,
+                                              TOPK, BLOCK_M, HAS_LORA)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < I
+    kk = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + tok.to(tl.int64)[:, None] * stride_xt + kk[None, :]
+    wg_ptrs = w13_ptr + e.to(tl.int64) * stride_we + n[None, :] * stride_wn + kk[:, None]
+    wu_ptrs = wg_ptrs + I * stride_wn
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    acc_u = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        if EVEN_K:
+            xv = tl.load(x_ptrs, mask=valid[:, None], other=0.0)
+            wg = tl.load(wg_ptrs, mask=n_ok[None, :], other=0.0)
+            wu = tl.load(wu_ptrs, mask=n_ok[None, :], other=0.0)
+        else:
+            kin = (k0 + kk) < H
+            xv = tl.load(x_ptrs, mask=valid[:, None] & kin[None, :], other=0.0)
+            wg = tl.load(wg_ptrs, mask=n_ok[None, :] & kin[:, None], other=0.0)
+            wu = tl.load(wu_ptrs, mask=n_ok[None, :] & kin[:, None], other=0.0)
+        acc_g = _dot(xv, wg, acc_g, UPCAST, PREC)
+        acc_u = _dot(xv, wu, acc_u, UPCAST, PREC)
+        x_ptrs += BLOCK_K
+        wg_ptrs += BLOCK_K
+        wu_ptrs += BLOCK_K
+    if HAS_BIAS:
+        b_ptrs = b13_ptr + e.to(tl.int64) * stride_be + n
+        acc_g += tl.load(b_ptrs, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        acc_u += tl.load(b_ptrs + I, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_LORA:
+        r = tl.arange(0, RP)
+        xa_ptrs = xa_ptr + rows[:, None] * stride_xam + r[None, :]
+        s_lo = tl.min(tl.where(slot >= 0, slot, S), axis=0)
+        s_hi = tl.max(slot, axis=0)
+        for s in range(s_lo, s_hi + 1):
+            sel = slot == s
+            if tl.max(sel.to(tl.int32), axis=0) > 0:
+                bs = tl.cast(s, tl.int64) * stride_bs + e.to(tl.int64) * stride_bse
+                if tl.load(present_ptr + s * 3) != 0:
+                    acc_g = _expand_run(acc_g, xa_ptrs, tl.load(scale_ptr + s * 3), sel, w1b_ptr + bs,
+                                        n, n_ok, R, stride_bn, RP, UPCAST, PREC)
+                if tl.load(present_ptr + s * 3 + 1) != 0:
+                    up_col = RP * (1 - tl.load(shared_ptr + s))
+                    acc_u = _expand_run(acc_u, xa_ptrs + up_col, tl.load(scale_ptr + s * 3 + 1), sel,
+                                        w3b_ptr + bs, n, n_ok, R, stride_bn, RP, UPCAST, PREC)
+    hv = _activate(acc_g, acc_u, ACT)
+    h_ptrs = h_ptr + rows.to(tl.int64)[:, None] * stride_hm + n[None, :]
+    tl.store(h_ptrs, hv.to(h_ptr.dtype.element_ty), mask=n_ok[None, :])
+
+
+# ----------------------------------------------------------------------------- down
+@triton.jit
+def down_kernel(
+    # pointers
+    h_ptr,  # (M_MAX, I) by sorted row
+    w2_ptr,  # (E, H, I)
+    b2_ptr,  # (E, H) bias (read only if HAS_BIAS)
+    y_ptr,  # (P, H) out: topk_weight * expert output per (token, k) pair
+    topk_w_ptr,  # (P,) router weights
+    sorted_ids_ptr,  # (M_MAX,) int32
+    block_expert_ptr,  # (NB_MAX,) int32
+    token_lora_ptr,  # (T,) int
+    ha_ptr,  # (M_MAX, RP) fp32 down shrink of h
+    w2b_ptr,  # (S, E, H, R) down lora_b
+    scale_ptr,  # (S, 3) fp32
+    present_ptr,  # (S, 3) int32
+    # sizes
+    H, I, R, P, S, NB_MAX,
+    # strides
+    stride_hm, stride_we, stride_wn, stride_be, stride_ym, stride_ham, stride_bs, stride_bse, stride_bn,
+    # meta
+    TOPK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    RP: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+):
+    pid_m, pid_n = _swizzle(tl.program_id(0), NB_MAX, tl.cdiv(H, BLOCK_N), GROUP_M)
+    e = tl.load(block_expert_ptr + pid_m)
+    if e < 0:
+        return
+    rows, ids, valid, tok, slot = _block_rows(sorted_ids_ptr, token_lora_ptr, pid_m, P, S,
+                                              TOPK, BLOCK_M, HAS_LORA)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < H
+    kk = tl.arange(0, BLOCK_K)
+    h_ptrs = h_ptr + rows.to(tl.int64)[:, None] * stride_hm + kk[None, :]
+    w_ptrs = w2_ptr + e.to(tl.int64) * stride_we + n[None, :] * stride_wn + kk[:, None]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for k0 in range(0, I, BLOCK_K):
+        if EVEN_K:
+            hv = tl.load(h_ptrs, mask=valid[:, None], other=0.0)
+            w = tl.load(w_ptrs, mask=n_ok[None, :], other=0.0)
+        else:
+            kin = (k0 + kk) < I
+            hv = tl.load(h_ptrs, mask=valid[:, None] & kin[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=n_ok[None, :] & kin[:, None], other=0.0)
+        acc = _dot(hv, w, acc, UPCAST, PREC)
+        h_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    if HAS_LORA:
+        ha_ptrs = ha_ptr + rows[:, None] * stride_ham + tl.arange(0, RP)[None, :]
+        s_lo = tl.min(tl.where(slot >= 0, slot, S), axis=0)
+        s_hi = tl.max(slot, axis=0)
+        for s in range(s_lo, s_hi + 1):
+            sel = slot == s
+            if (tl.max(sel.to(tl.int32), axis=0) > 0) & (tl.load(present_ptr + s * 3 + 2) != 0):
+                bs = tl.cast(s, tl.int64) * stride_bs + e.to(tl.int64) * stride_bse
+                acc = _expand_run(acc, ha_ptrs, tl.load(scale_ptr + s * 3 + 2), sel, w2b_ptr + bs,
+                                  n, n_ok, R, stride_bn, RP, UPCAST, PREC)
+    if HAS_BIAS:
+        acc += tl.load(b2_ptr + e.to(tl.int64) * stride_be + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    wt = tl.load(topk_w_ptr + ids, mask=valid, other=0.0).to(tl.float32)
+    acc = acc * wt[:, None]
+    y_ptrs = y_ptr + ids.to(tl.int64)[:, None] * stride_ym + n[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=valid[:, None] & n_ok[None, :])

@@ -1,0 +1,213 @@
+"""Public op: check inputs -> allocate -> route -> shrink x -> gate/up+act -> shrink h -> down -> sum over k."""
+import os
+
+import torch
+import triton
+
+from . import kernels, tuning
+from .errors import DeviceError, DtypeError, ShapeError
+from .routing import route
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+ACTIVATIONS = {"silu": 0, "swiglu_oai": 1}
+
+
+def _interpret():
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _check_shape(name, t, shape):
+    """Raise ShapeError unless t.shape == shape (None entries match anything)."""
+    if t.ndim != len(shape) or any(s is not None and s != d for s, d in zip(shape, t.shape)):
+        want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
+        raise ShapeError(f"{name}: shape {tuple(t.shape)}, expected {want}")
+
+
+def _check_inputs(x, w13, w2, topk_ids, topk_weights, slots, token_lora, activation, w13_bias, w2_bias):
+    """Validate shapes, dtypes and devices; return (T, H, I, E, k)."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation {activation!r}: expected one of {sorted(ACTIVATIONS)}")
+    _check_shape("x", x, (None, None))
+    T, H = x.shape
+    _check_shape("w13", w13, (None, None, H))
+    E, I2 = w13.shape[:2]
+    if I2 % 2:
+        raise ShapeError(f"w13: dim 1 is {I2}, expected 2*I (gate rows then up rows)")
+    I = I2 // 2
+    _check_shape("w2", w2, (E, H, I))
+    _check_shape("topk_ids", topk_ids, (T, None))
+    k = topk_ids.shape[1]
+    _check_shape("topk_weights", topk_weights, (T, k))
+    if w13_bias is not None:
+        _check_shape("w13_bias", w13_bias, (E, 2 * I))
+    if w2_bias is not None:
+        _check_shape("w2_bias", w2_bias, (E, H))
+    if x.dtype not in DTYPES:
+        raise DtypeError(f"x: dtype {x.dtype}, expected one of {DTYPES}")
+    for name, t in (("w13", w13), ("w2", w2), ("w13_bias", w13_bias), ("w2_bias", w2_bias)):
+        if t is not None and t.dtype != x.dtype:
+            raise DtypeError(f"{name}: dtype {t.dtype}, must match x ({x.dtype})")
+    if topk_ids.dtype not in (torch.int32, torch.int64):
+        raise DtypeError(f"topk_ids: dtype {topk_ids.dtype}, expected int32 or int64")
+    if not topk_weights.is_floating_point():
+        raise DtypeError(f"topk_weights: dtype {topk_weights.dtype}, expected a float dtype")
+    _check_lora(slots, token_lora, T, E, H, I, x.dtype)
+    _check_devices(x, w13, w2, topk_ids, topk_weights, token_lora, w13_bias, w2_bias,
+                   None if slots is None else slots.w1_a)
+    return T, H, I, E, k
+
+
+def _check_lora(slots, token_lora, T, E, H, I, dtype):
+    """Slots and token_lora come together and match the layer."""
+    if (slots is None) != (token_lora is None):
+        raise ValueError("slots and token_lora must be given together (or neither)")
+    if slots is None:
+        return
+    _check_shape("token_lora", token_lora, (T,))
+    if token_lora.dtype not in (torch.int32, torch.int64):
+        raise DtypeError(f"token_lora: dtype {token_lora.dtype}, expected int32 or int64")
+    got = (slots.num_experts, slots.hidden_size, slots.intermediate_size)
+    if got != (E, H, I):
+        raise ShapeError(f"slots: built for (E, H, I) = {got}, layer is {(E, H, I)}")
+    if slots.dtype != dtype:
+        raise DtypeError(f"slots: dtype {slots.dtype}, must match x ({dtype})")
+
+
+def _check_devices(*tensors):
+    devs = {t.device for t in tensors if t is not None}
+    if len(devs) > 1:
+        raise DeviceError(f"all tensors must be on one device, got {sorted(map(str, devs))}")
+    dev = devs.pop()
+    if dev.type != "cuda" and not _interpret():
+        raise DeviceError(f"tensors on {dev}: the Triton kernels need CUDA (or TRITON_INTERPRET=1)")
+
+
+def _meta(x, slots):
+    """Compile-time switches shared by every launch."""
+    upcast = _interpret()
+    prec = "ieee" if x.dtype == torch.float32 else "tf32"
+    rp = 16 if slots is None else max(16, triton.next_power_of_2(slots.max_rank))
+    return dict(UPCAST=upcast, PREC=prec, RP=rp)
+
+
+def _device_name(x):
+    return torch.cuda.get_device_name(x.device) if x.is_cuda else "cpu"
+
+
+def moe_lora_forward(x, w13, w2, topk_ids, topk_weights, slots=None, token_lora=None,
+                     activation="silu", w13_bias=None, w2_bias=None):
+    """MoE layer forward with a per-token LoRA adapter (formats.md section 4).
+
+    x (T, H); w13 (E, 2I, H) gate rows then up rows; w2 (E, H, I); topk_ids (T, k) int;
+    topk_weights (T, k); slots: LoraSlots of this layer (or None); token_lora (T,) int slot
+    per token, -1 = no adapter (ids outside [0, S) also mean none); activation "silu" or
+    "swiglu_oai" (GPT-OSS clamped SwiGLU, usually with w13_bias (E, 2I) and w2_bias (E, H)).
+    fp16 / bf16 / fp32, fp32 accumulation. Returns (T, H) in x.dtype. Expert ids outside
+    [0, E) are dropped from the sum (not checked: checking would sync the device).
+    """
+    T, H, I, E, k = _check_inputs(x, w13, w2, topk_ids, topk_weights, slots, token_lora,
+                                  activation, w13_bias, w2_bias)
+    out = torch.empty(T, H, dtype=x.dtype, device=x.device)
+    if T == 0:
+        return out
+    cfg = tuning.get_config(T, E, H, I, k, str(x.dtype).removeprefix("torch."), _device_name(x))
+    _launch(x, w13, w2, topk_ids, topk_weights, slots, token_lora, ACTIVATIONS[activation],
+            w13_bias, w2_bias, cfg, out)
+    return out
+
+
+def _launch(x, w13, w2, topk_ids, topk_weights, slots, token_lora, act, w13_bias, w2_bias, cfg, out):
+    """Route, run the four kernels, reduce over k into `out` (T, H)."""
+    T, H = x.shape
+    E, I, k = w13.shape[0], w2.shape[2], topk_ids.shape[1]
+    has_lora = slots is not None
+    S = slots.num_slots if has_lora else 0
+    bm = cfg["gate_up"]["BLOCK_M"]
+    rt = route(topk_ids, token_lora if has_lora else None, E, S, bm)
+    meta = _meta(x, slots)
+    m_max = rt.num_blocks_max * bm
+    h = torch.empty(m_max, I, dtype=x.dtype, device=x.device)
+    y = torch.empty(T * k, H, dtype=x.dtype, device=x.device)
+    xa = ha = None
+    if has_lora:
+        xa, ha = _shrink_x(x, slots, rt, token_lora, k, cfg["shrink"], meta), None
+    _gate_up(x, w13, w13_bias, h, rt, slots, token_lora, xa, act, k, cfg["gate_up"], meta)
+    if has_lora:
+        ha = _shrink_h(h, slots, rt, token_lora, k, cfg["shrink"], meta)
+    _down(h, w2, w2_bias, y, topk_weights.reshape(-1), rt, slots, token_lora, ha, k, cfg["down"], meta)
+    torch.sum(y.view(T, k, H), dim=1, out=out)
+
+
+def _lora_args(slots, token_lora, x):
+    """Slot tensors for a launch; dummies (never read) when there is no adapter."""
+    if slots is None:
+        d = x.new_empty(1)
+        return d, d, d, d, d, d, torch.zeros(1, 3, dtype=torch.int32, device=x.device), d
+    return (token_lora, slots.w1_b, slots.w3_b, slots.w2_b, slots.scaling, slots.present,
+            slots.shared_a, slots.w2_a)
+
+
+def _shrink_x(x, slots, rt, token_lora, k, cfg, meta):
+    """xa (M_MAX, 2*RP) fp32: x @ A^T for gate (cols [0,RP)) and up (cols [RP,2RP))."""
+    rp = meta["RP"]
+    xa = torch.empty(rt.num_blocks_max * rt.block_m, 2 * rp, dtype=torch.float32, device=x.device)
+    a1, a3 = slots.w1_a, slots.w3_a
+    kernels.lora_shrink_kernel[(rt.num_blocks_max, 2)](
+        x, a1, a3, xa, rt.sorted_ids, rt.block_expert, token_lora, slots.present, slots.shared_a,
+        x.shape[1], slots.max_rank, x.shape[0] * k, slots.num_slots,
+        x.stride(0), a1.stride(0), a1.stride(1), a1.stride(2), xa.stride(0),
+        PROJ0=0, GATHER=True, TOPK=k, BLOCK_M=rt.block_m, EVEN_K=x.shape[1] % cfg["BLOCK_K"] == 0,
+        **meta, **cfg)
+    return xa
+
+
+def _shrink_h(h, slots, rt, token_lora, k, cfg, meta):
+    """ha (M_MAX, RP) fp32: h @ A_down^T per sorted row."""
+    ha = torch.empty(h.shape[0], meta["RP"], dtype=torch.float32, device=h.device)
+    a2 = slots.w2_a
+    kernels.lora_shrink_kernel[(rt.num_blocks_max, 1)](
+        h, a2, a2, ha, rt.sorted_ids, rt.block_expert, token_lora, slots.present, slots.shared_a,
+        h.shape[1], slots.max_rank, token_lora.shape[0] * k, slots.num_slots,
+        h.stride(0), a2.stride(0), a2.stride(1), a2.stride(2), ha.stride(0),
+        PROJ0=2, GATHER=False, TOPK=k, BLOCK_M=rt.block_m, EVEN_K=h.shape[1] % cfg["BLOCK_K"] == 0,
+        **meta, **cfg)
+    return ha
+
+
+def _gate_up(x, w13, bias, h, rt, slots, token_lora, xa, act, k, cfg, meta):
+    """h (M_MAX, I) = act(x W1^T + dW1, x W3^T + dW3) per sorted row."""
+    T, H = x.shape
+    E, I = w13.shape[0], w13.shape[1] // 2
+    tl_, w1b, w3b, _, scale, present, shared, _ = _lora_args(slots, token_lora, x)
+    xa = xa if xa is not None else x.new_empty(1, dtype=torch.float32)
+    b = bias if bias is not None else x.new_empty(1, 1)
+    R = slots.max_rank if slots is not None else 1
+    S = slots.num_slots if slots is not None else 0
+    cfg = dict(cfg)
+    bm = cfg.pop("BLOCK_M")
+    grid = (rt.num_blocks_max * triton.cdiv(I, cfg["BLOCK_N"]),)
+    kernels.gate_up_kernel[grid](
+        x, w13, b, h, rt.sorted_ids, rt.block_expert, tl_, xa, w1b, w3b, scale, present, shared,
+        H, I, R, T * k, S, rt.num_blocks_max,
+        x.stride(0), w13.stride(0), w13.stride(1), b.stride(0), h.stride(0), xa.stride(0),
+        w1b.stride(0) if slots else 0, w1b.stride(1) if slots else 0, w1b.stride(2) if slots else 0,
+        TOPK=k, ACT=act, HAS_BIAS=bias is not None, HAS_LORA=slots is not None, BLOCK_M=bm,
+        EVEN_K=H % cfg["BLOCK_K"] == 0, **meta, **cfg)
+
+
+def _down(h, w2, bias, y, topk_w, rt, slots, token_lora, ha, k, cfg, meta):
+    """y (P, H) = topk_weight * (h W2^T + dW2 + b2) per pair."""
+    E, H, I = w2.shape
+    tl_, _, _, w2b, scale, present, _, _ = _lora_args(slots, token_lora, h)
+    ha = ha if ha is not None else h.new_empty(1, dtype=torch.float32)
+    b = bias if bias is not None else h.new_empty(1, 1)
+    R = slots.max_rank if slots is not None else 1
+    S = slots.num_slots if slots is not None else 0
+    grid = (rt.num_blocks_max * triton.cdiv(H, cfg["BLOCK_N"]),)
+    kernels.down_kernel[grid](
+        h, w2, b, y, topk_w, rt.sorted_ids, rt.block_expert, tl_, ha, w2b, scale, present,
+        H, I, R, y.shape[0], S, rt.num_blocks_max,
+        h.stride(0), w2.stride(0), w2.stride(1), b.stride(0), y.stride(0), ha.stride(0),
+        w2b.stride(0) if slots else 0, w2b.stride(1) if slots else 0, w2b.stride(2) if slots else 0,
+        TOPK=k, HAS_BIAS=bias is not None, HAS_LORA=slots is not None, BLOCK_M=rt.block_m,
+        EVEN_K=I % cfg["BLOCK_K"] == 0, **meta, **cfg)

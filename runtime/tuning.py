@@ -1,0 +1,60 @@
+"""Kernel configs: env pin (RELAYOUT_RUNTIME_CONFIG) -> tuned table (configs/<device>.json) -> heuristic default."""
+import functools
+import json
+import os
+from pathlib import Path
+
+ENV = "RELAYOUT_RUNTIME_CONFIG"
+_DIR = Path(__file__).with_name("configs")
+GATE_UP_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
+DOWN_KEYS = ("BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
+SHRINK_KEYS = ("BLOCK_K", "num_warps", "num_stages")
+
+
+def default_config(num_tokens, num_experts, top_k):
+    """Heuristic for a GPU with no tuned entry: small blocks when experts see few rows."""
+    rows = num_tokens * top_k / max(num_experts, 1)
+    if rows <= 16:
+        gu = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4)
+        dn = dict(BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4)
+    elif rows <= 64:
+        gu = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, GROUP_M=4, num_warps=4, num_stages=4)
+        dn = dict(BLOCK_N=64, BLOCK_K=128, GROUP_M=4, num_warps=4, num_stages=4)
+    else:
+        gu = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4)
+        dn = dict(BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4)
+    return {"gate_up": gu, "down": dn, "shrink": dict(BLOCK_K=256, num_warps=4, num_stages=2)}
+
+
+def shape_key(num_experts, hidden, inter, top_k, dtype_name):
+    return f"E={num_experts},H={hidden},I={inter},k={top_k},{dtype_name}"
+
+
+@functools.lru_cache(maxsize=None)
+def _table(device_name):
+    """Tuned table of a device, {} when none ships: keys shape_key -> {T bucket: config}."""
+    name = "h200" if "H200" in device_name else device_name.lower().replace(" ", "_")
+    path = _DIR / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _merge(base, override):
+    """Flat keys apply to every kernel they name; nested 'gate_up'/'down'/'shrink' win."""
+    out = {kern: dict(cfg) for kern, cfg in base.items()}
+    for kern, keys in (("gate_up", GATE_UP_KEYS), ("down", DOWN_KEYS), ("shrink", SHRINK_KEYS)):
+        out[kern].update({k: v for k, v in override.items() if k in keys})
+        out[kern].update(override.get(kern, {}))
+    return out
+
+
+def get_config(num_tokens, num_experts, hidden, inter, top_k, dtype_name, device_name):
+    """Config for one forward: env pin > tuned table entry (nearest T bucket) > heuristic."""
+    cfg = default_config(num_tokens, num_experts, top_k)
+    entries = _table(device_name).get(shape_key(num_experts, hidden, inter, top_k, dtype_name))
+    if entries:
+        bucket = min(entries, key=lambda t: abs(int(t) - num_tokens))
+        cfg = _merge(cfg, entries[bucket])
+    pin = os.environ.get(ENV)
+    if pin:
+        cfg = _merge(cfg, json.loads(pin))
+    return cfg
