@@ -21,7 +21,7 @@ NORMALIZED = {
     "w2.lora_a": ("e", "r", "i"), "w2.lora_b": ("e", "h", "r"),
 }
 NOT_INHERITED = ("name", "extends", "abstract", "architectures", "model_types", "description")
-MERGED_DICTS = ("projections", "axes", "templates")
+MERGED_DICTS = ("projections", "axes", "templates", "model_config")
 KEY_FIELDS = {"expert", "nest", "proj", "fused"}
 RULES_ENV = "RELAYOUT_RULES"
 
@@ -94,6 +94,7 @@ class Rule:
     fused: tuple[FusedParam, ...]
     axes: tuple[tuple[str, int], ...]
     peft_orientation: tuple[tuple[str | None, str], ...]
+    model_config: tuple[tuple[str, tuple[str, ...]], ...]
     layouts: tuple[Layout, ...] = field(repr=False)
 
     def layout(self, name: str) -> Layout:

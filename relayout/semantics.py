@@ -167,6 +167,7 @@ def build_rule(res: "Resolved") -> tuple[Rule | None, list[Problem]]:
         fused=tuple(FusedParam(**p) for p in data.get("fused", ())),
         axes=tuple(data.get("axes", {}).items()),
         peft_orientation=tuple((e.get("until"), e["swap"]) for e in data.get("peft_orientation", ())),
+        model_config=tuple((k, tuple(v)) for k, v in data.get("model_config", {}).items()),
         layouts=tuple(layouts),
     )
     return rule, c.problems
