@@ -103,7 +103,8 @@ def _inverse(plan: Plan, normalized: Mapping[str, torch.Tensor], block: str) -> 
         if op.diagonal is not None:
             y = _put_diagonal(y, op)
         y, rhs = _unrepeat(y, op, block)
-        x = einops.rearrange(y, f"{rhs} -> {op.lhs}", **dict(op.sizes)).contiguous()
+        used = set(rhs.split()) | set(op.lhs.replace("(", " ").replace(")", " ").split())
+        x = einops.rearrange(y, f"{rhs} -> {op.lhs}", **{a: n for a, n in op.sizes if a in used}).contiguous()
         parts = x.unbind(0) if op.stacked else [x]
         out.update({k: p.contiguous() for k, p in zip(op.keys, parts)})
     return out
