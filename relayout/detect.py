@@ -37,6 +37,13 @@ class Detected:
     blocks: list[Block]
     passthrough: list[str] = field(default_factory=list)
 
+    @property
+    def architecture(self) -> str:
+        """The architecture name that selected the rule (the rule's first when only keys decided)."""
+        names = _arch_of(self.model_config or {}) + self.how.split()[1:2]
+        return next((n for n in names if n in self.rule.architectures + self.rule.model_types),
+                    self.rule.architectures[0])
+
 
 def _version(text: str | None) -> tuple[int, ...] | None:
     match = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?", text or "")
