@@ -80,6 +80,15 @@ class Plan:
         return tuple(t for op in self.ops for t in op.targets)
 
 
+def _shown(axis: str) -> str:
+    """An axis as the rule file names it ('r@gate_up' is axis r of unit gate_up)."""
+    return axis.split("@")[0]
+
+
+def _group(group: tuple[str, ...]) -> str:
+    return "(" + " ".join(_shown(a) for a in group) + ")"
+
+
 class _Solver:
     """Fixpoint binding of axis sizes from (axes group, size) constraints."""
 
@@ -93,7 +102,7 @@ class _Solver:
         self.solve()
 
     def _describe(self, group: tuple[str, ...]) -> str:
-        return ", ".join(f"{a}={self.known[a]}" for a in group if a in self.known)
+        return ", ".join(f"{_shown(a)}={self.known[a]}" for a in group if a in self.known)
 
     def solve(self) -> None:
         progress = True
@@ -108,10 +117,10 @@ class _Solver:
                 self.pending.remove(item)
                 progress = True
                 if not unknown and product != size:
-                    raise RelayoutError(f"{self.where}: {label}: axis ({' '.join(group)}): expected {product} "
+                    raise RelayoutError(f"{self.where}: {label}: axis {_group(group)}: expected {product} "
                                         f"({self._describe(group) or 'unit axis'}), got {size}")
                 if unknown and (product == 0 or size % product or size == 0):
-                    raise RelayoutError(f"{self.where}: {label}: axis {unknown[0]} of ({' '.join(group)}): expected a "
+                    raise RelayoutError(f"{self.where}: {label}: axis {_shown(unknown[0])} of {_group(group)}: expected a "
                                         f"positive multiple of {product} ({self._describe(group)}), got {size}")
                 if unknown:
                     self.known[unknown[0]] = size // product
@@ -119,7 +128,7 @@ class _Solver:
     def unbound(self) -> None:
         for label, group, size in self.pending:
             missing = [a for a in group if a not in self.known and a != "1"]
-            raise RelayoutError(f"{self.where}: {label}: cannot bind axes {', '.join(missing)} of ({' '.join(group)}) "
+            raise RelayoutError(f"{self.where}: {label}: cannot bind axes {', '.join(map(_shown, missing))} of {_group(group)} "
                                 f"= {size}: give the adapter's rank (adapter_config.json r) or the model's num_experts")
 
 
@@ -249,7 +258,7 @@ def compile_inverse(rule: Rule, layout: str, normalized: dict, block: str = "") 
         raise RelayoutError(f"{where}: layout cannot hold normalized tensor(s) {', '.join(leftover) or '(none given)'}")
     sizes: dict[str, int] = {}
     for unit in units:
-        for target in {tg for t in lay.tensors if t.unit == unit for tg in t.targets}:
+        for target in dict.fromkeys(tg for t in lay.tensors if t.unit == unit for tg in t.targets):
             for axis, size in zip(NORMALIZED[target], normalized[target]):
                 name = axis if axis in GLOBAL_AXES else f"{axis}@{unit}"
                 if sizes.setdefault(name, size) != size:
