@@ -72,8 +72,12 @@ def _read_config(path: Path) -> dict:
     if not isinstance(config, dict):
         raise RelayoutError(f"{cfg}: expected a JSON object")
     for name in ("r", "lora_alpha"):
-        if name in config and not isinstance(config[name], (int, float)) or config.get("r", 1) <= 0:
-            raise RelayoutError(f"{cfg}: {name} must be a positive number, got {config.get(name)!r}")
+        value = config.get(name, 1)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise RelayoutError(f"{cfg}: {name} must be a positive number, got {value!r}")
+    for name in ("rank_pattern", "alpha_pattern"):
+        if not isinstance(config.get(name) or {}, dict):
+            raise RelayoutError(f"{cfg}: {name} must be an object mapping module patterns to numbers")
     return config
 
 

@@ -15,8 +15,8 @@ from relayout.adapter import Adapter, read_adapter
 from relayout.detect import Block, Detected, detect
 from relayout.errors import RelayoutError
 from relayout.execute import forward, inverse
-from relayout.outputs import (FORMATS, LATEST_PEFT, TargetBlock, output_specs, peft_config, plan_target,
-                              projection_scaling, shares_gate_up_a)
+from relayout.outputs import (FORMATS, LATEST_PEFT, TargetBlock, normalized_shapes, output_specs, peft_config,
+                              plan_target, projection_scaling, shares_gate_up_a)
 from relayout.ruleset import load_rules
 from relayout.safetensors_io import StreamWriter
 
@@ -72,7 +72,7 @@ def _shared(adapter: Adapter, block: Block) -> bool:
                for g, u in zip(a["w1.lora_a"], a["w3.lora_a"]))
 
 
-def _normalized_metadata(loaded: Loaded, targets: list[TargetBlock]) -> dict[str, str]:
+def _normalized_metadata(loaded: Loaded) -> dict[str, str]:
     det = loaded.detected
     first = det.blocks[0].plan
     meta = {
@@ -82,8 +82,8 @@ def _normalized_metadata(loaded: Loaded, targets: list[TargetBlock]) -> dict[str
         "layers": [b.layer for b in det.blocks],
         "source_layouts": {str(b.layer): b.plan.layout for b in det.blocks},
         "scaling": {f"layers.{b.layer}.{p}": s for b in det.blocks for p, s in projection_scaling(b).items()},
-        "rank": {f"layers.{t.block.layer}.{p}": s[1] for t in targets for p, s in output_specs(t, torch.float32).items()
-                 if p.endswith(".lora_a") for p in [p.split(".")[-2]]},
+        "rank": {f"layers.{b.layer}.{t.split('.')[0]}": shape[1] for b in det.blocks
+                 for t, shape in normalized_shapes(b.plan).items() if t.endswith(".lora_a")},
         "shared_gate_up_a": {str(b.layer): shares_gate_up_a(b.plan) for b in det.blocks},
         "passthrough": det.passthrough,
         "source": str(loaded.adapter.path),
@@ -166,7 +166,7 @@ def convert(adapter: str | Path | Loaded, out: str | Path, to: str, *, arch: str
         if file_out is None:
             tmp.mkdir()
         target_file = file_out or tmp / (NORMALIZED_FILE if to == "normalized" else "adapter_model.safetensors")
-        metadata = _normalized_metadata(loaded, targets) if to == "normalized" else {"format": "pt"}
+        metadata = _normalized_metadata(loaded) if to == "normalized" else {"format": "pt"}
         _write(loaded, targets, target_file, torch.device(device), DTYPES.get(dtype), metadata,
                _Progress(len(targets), progress))
         if to != "normalized":

@@ -222,8 +222,7 @@ def _is_block_diagonal(adapter: Adapter, block_keys: dict[str, str], plan: Plan)
 def detect_block(rule: Rule, adapter: Adapter, layer: int, block_path: str, keys: dict[str, str],
                  known: dict[str, int], forced: str | None = None) -> Block:
     """Choose the one layout that explains a block's keys, shapes and config; raise listing candidates otherwise."""
-    template = block_path.replace(f".{layer}.", ".{layer}.", 1) if f".{layer}." in block_path else block_path
-    template = next((t for t in _experts_templates(rule) if t.replace("{layer}", str(layer)) == block_path), template)
+    template = next(t for t in _experts_templates(rule) if t.replace("{layer}", str(layer)) == block_path)
     prefix = PEFT_PREFIX + block_path + "."
     shapes = {rel: adapter.tensors[full].shape for rel, full in keys.items()}
     candidates, errors = [], []

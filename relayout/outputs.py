@@ -63,8 +63,7 @@ def _target_layout(rule: Rule, fmt: str, shared: bool, peft_version: str) -> str
     if fmt == "peft-2d":
         return "peft-2d"
     orientation = expected_orientation(rule, "gate_up", peft_version) or "input"
-    name = ("peft-3d" if shared else "peft-3d-blockdiag") + ("-swapped" if orientation == "output" else "")
-    return name.replace("blockdiag-swapped", "blockdiag-swapped") if name in rule.layout_names else name
+    return ("peft-3d" if shared else "peft-3d-blockdiag") + ("-swapped" if orientation == "output" else "")
 
 
 def plan_target(det: Detected, block: Block, fmt: str, shared: bool, peft_version: str) -> TargetBlock:
