@@ -100,9 +100,7 @@ class RuleSet:
             try:
                 src = Source(str(path), load_located(path))
             except RelayoutError as exc:
-                file, _, rest = str(exc).partition(":")
-                line, _, msg = rest.partition(":") if rest[:1].isdigit() else ("1", "", rest)
-                self.problems.append(Problem(str(path), int(line), "$", msg.strip()))
+                self.problems.append(Problem(str(path), getattr(exc, "line", 1), "$", getattr(exc, "message", str(exc))))
                 continue
             schema_problems = _schema_problems(src, validator)
             self.problems += schema_problems

@@ -77,9 +77,9 @@ def load_located(path: Path) -> Located:
     try:
         raw = path.read_bytes()
     except OSError as exc:
-        raise RelayoutError(f"{path}: cannot read: {exc.strerror or exc}") from None
+        raise _located_error(path, 1, f"cannot read: {exc.strerror or exc}") from None
     if len(raw) > MAX_BYTES:
-        raise RelayoutError(f"{path}: {len(raw)} bytes; a rule file may hold at most {MAX_BYTES}")
+        raise _located_error(path, 1, f"{len(raw)} bytes; a rule file may hold at most {MAX_BYTES}")
     try:
         text = raw.decode("utf-8")
         _refuse_aliases(text)
@@ -93,13 +93,21 @@ def load_located(path: Path) -> Located:
         finally:
             loader.dispose()
     except UnicodeDecodeError as exc:
-        raise RelayoutError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        raise _located_error(path, 1, f"not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else 1
-        raise RelayoutError(f"{path}:{line}: YAML error: {exc.problem or exc.context}") from None
+        raise _located_error(path, line, f"YAML error: {exc.problem or exc.context}") from None
     except yaml.YAMLError as exc:
-        raise RelayoutError(f"{path}: YAML error: {exc}") from None
+        raise _located_error(path, 1, f"YAML error: {exc}") from None
     except RelayoutError as exc:
-        raise RelayoutError(f"{path}:{str(exc).removeprefix('line ')}") from None
+        line, _, message = str(exc).removeprefix("line ").partition(": ")
+        raise _located_error(path, int(line), message) from None
     return Located(data, builder.lines)
+
+
+def _located_error(path: Path, line: int, message: str) -> RelayoutError:
+    """A RelayoutError for a rule file, carrying `line` and `message` for reporters."""
+    exc = RelayoutError(f"{path}:{line}: {message}")
+    exc.line, exc.message = line, message
+    return exc
