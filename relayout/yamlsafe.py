@@ -93,7 +93,8 @@ def load_located(path: Path) -> Located:
         finally:
             loader.dispose()
     except UnicodeDecodeError as exc:
-        raise _located_error(path, 1, f"not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        line = raw[:exc.start].count(b"\n") + 1
+        raise _located_error(path, line, f"not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else 1
