@@ -113,35 +113,42 @@ def route_scatter_kernel(
 
 # ----------------------------------------------------------------------------- LoRA shrink
 @triton.jit
-def _shrink_run(in_ptrs, a_base, sel, D, R, stride_ar,
-                BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, RP: tl.constexpr,
+def _shrink_run(in_ptrs, a_ptrs, sel, k_lo, k_hi, R, a2_ptrs,
+                TWO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, RP: tl.constexpr,
                 EVEN_K: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
-    """(BLOCK_M, RP) fp32 = in[sel rows] @ A^T over the D input features."""
-    r = tl.arange(0, RP)
+    """(BLOCK_M, RP) fp32 in[sel rows, k_lo:k_hi] @ A^T (and a second A when TWO: one read of in)."""
+    r_ok = (tl.arange(0, RP) < R)[None, :]
     kk = tl.arange(0, BLOCK_K)
-    a_ptrs = a_base + r[None, :] * stride_ar + kk[:, None]
     acc = tl.zeros((BLOCK_M, RP), tl.float32)
-    for k0 in range(0, D, BLOCK_K):
+    acc2 = tl.zeros((BLOCK_M, RP), tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         if EVEN_K:
             v = tl.load(in_ptrs, mask=sel[:, None], other=0.0)
-            a = tl.load(a_ptrs, mask=(r < R)[None, :], other=0.0)
+            a = tl.load(a_ptrs, mask=r_ok, other=0.0)
         else:
-            kin = (k0 + kk) < D
+            kin = (k0 + kk) < k_hi
             v = tl.load(in_ptrs, mask=sel[:, None] & kin[None, :], other=0.0)
-            a = tl.load(a_ptrs, mask=(r < R)[None, :] & kin[:, None], other=0.0)
+            a = tl.load(a_ptrs, mask=r_ok & kin[:, None], other=0.0)
         acc = _dot(v, a, acc, UPCAST, PREC)
+        if TWO:
+            if EVEN_K:
+                a2 = tl.load(a2_ptrs, mask=r_ok, other=0.0)
+            else:
+                a2 = tl.load(a2_ptrs, mask=r_ok & kin[:, None], other=0.0)
+            acc2 = _dot(v, a2, acc2, UPCAST, PREC)
+            a2_ptrs += BLOCK_K
         in_ptrs += BLOCK_K
         a_ptrs += BLOCK_K
-    return acc
+    return acc, acc2
 
 
 @triton.jit
 def lora_shrink_kernel(
     # pointers
     in_ptr,  # (T, D) x gathered by token (GATHER) | (M_MAX, D) h by sorted row
-    a0_ptr,  # (S, E, R, D) lora_a of projection PROJ0 (w1, or w2)
-    a1_ptr,  # (S, E, R, D) lora_a of projection PROJ0 + 1 (w3), read by program_id(1) == 1
-    out_ptr,  # (M_MAX, NPROJ * RP) fp32 out: unscaled shrink per projection
+    a0_ptr,  # (S, E, R, D) lora_a: w1 (PAIR) or w2
+    a1_ptr,  # (S, E, R, D) lora_a: w3 (read only if PAIR)
+    out_ptr,  # (KSPLIT, M_MAX, NCOL * RP) fp32 out: partial shrink per K split, cols gate|up or down
     sorted_ids_ptr,  # (M_MAX,) int32
     block_expert_ptr,  # (NB_MAX,) int32
     token_lora_ptr,  # (T,) int
@@ -150,51 +157,65 @@ def lora_shrink_kernel(
     # sizes
     D, R, P, S,
     # strides
-    stride_in, stride_as, stride_ae, stride_ar, stride_om,
+    stride_in, stride_as, stride_ae, stride_ar, stride_ok, stride_om,
     # meta
-    PROJ0: tl.constexpr, GATHER: tl.constexpr, TOPK: tl.constexpr,
+    PAIR: tl.constexpr, GATHER: tl.constexpr, TOPK: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, RP: tl.constexpr,
     EVEN_K: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    j = tl.program_id(1)
+    ks = tl.program_id(1)
     e = tl.load(block_expert_ptr + pid_m)
     if e < 0:
         return
     rows, ids, valid, tok, slot = _block_rows(sorted_ids_ptr, token_lora_ptr, pid_m, P, S,
                                               TOPK, BLOCK_M, True)
+    k_lo = ks * SPLIT_K
+    k_hi = tl.minimum(k_lo + SPLIT_K, D)
     src = tok if GATHER else rows
-    in_ptrs = in_ptr + src.to(tl.int64)[:, None] * stride_in + tl.arange(0, BLOCK_K)[None, :]
-    if j == 0:
-        a_ptr = a0_ptr
-    else:
-        a_ptr = a1_ptr
-    r = tl.arange(0, RP)
-    out_ptrs = out_ptr + rows[:, None] * stride_om + j * RP + r[None, :]
+    in_ptrs = in_ptr + src.to(tl.int64)[:, None] * stride_in + (k_lo + tl.arange(0, BLOCK_K))[None, :]
+    a_off = tl.arange(0, RP)[None, :] * stride_ar + (k_lo + tl.arange(0, BLOCK_K))[:, None]
+    out_ptrs = out_ptr + ks * stride_ok + rows[:, None] * stride_om + tl.arange(0, RP)[None, :]
+    col = 0
+    if PAIR:
+        col = RP
     s_lo = tl.min(tl.where(slot >= 0, slot, S), axis=0)
     s_hi = tl.max(slot, axis=0)
     for s in range(s_lo, s_hi + 1):
         sel = slot == s
-        on = tl.load(present_ptr + s * 3 + PROJ0 + j)
-        if PROJ0 == 0:
-            on = on * (1 - j * tl.load(shared_ptr + s))  # up shares gate's shrink
-        if (tl.max(sel.to(tl.int32), axis=0) > 0) & (on != 0):
-            a_base = a_ptr + tl.cast(s, tl.int64) * stride_as + e.to(tl.int64) * stride_ae
-            acc = _shrink_run(in_ptrs, a_base, sel, D, R, stride_ar,
-                              BLOCK_M, BLOCK_K, RP, EVEN_K, UPCAST, PREC)
-            tl.store(out_ptrs, acc, mask=sel[:, None])
+        if tl.max(sel.to(tl.int32), axis=0) > 0:
+            base = tl.cast(s, tl.int64) * stride_as + e.to(tl.int64) * stride_ae
+            p0 = tl.load(present_ptr + s * 3 + 2 * (1 - PAIR)) != 0
+            p1 = False
+            if PAIR:
+                p1 = (tl.load(present_ptr + s * 3 + 1) != 0) & (tl.load(shared_ptr + s) == 0)
+            if p0 & p1:
+                acc, acc2 = _shrink_run(in_ptrs, a0_ptr + base + a_off, sel, k_lo, k_hi, R,
+                                        a1_ptr + base + a_off, True, BLOCK_M, BLOCK_K, RP,
+                                        EVEN_K, UPCAST, PREC)
+                tl.store(out_ptrs, acc, mask=sel[:, None])
+                tl.store(out_ptrs + col, acc2, mask=sel[:, None])
+            elif p0 | p1:
+                a_ptrs = a0_ptr + base + a_off
+                if p1:
+                    a_ptrs = a1_ptr + base + a_off
+                acc, acc2 = _shrink_run(in_ptrs, a_ptrs, sel, k_lo, k_hi, R, a_ptrs, False,
+                                        BLOCK_M, BLOCK_K, RP, EVEN_K, UPCAST, PREC)
+                tl.store(out_ptrs + tl.where(p1, col, 0), acc, mask=sel[:, None])
 
 
 # ----------------------------------------------------------------------------- LoRA expand
 @triton.jit
-def _expand_run(acc, sh_ptrs, scale, sel, b_base, n, n_ok, R, stride_bn,
-                RP: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
-    """acc + (scale * shrink[sel rows]) @ B[n]^T  -- B (N, R) of one (slot, expert)."""
+def _expand_run(acc, sh_ptrs, stride_k, scale, sel, b_base, n, n_ok, R, stride_bn,
+                KSPLIT: tl.constexpr, RP: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """acc + (scale * sum of shrink partials[sel rows]) @ B[n]^T  -- B (N, R) of one (slot, expert)."""
     r = tl.arange(0, RP)
-    v = tl.load(sh_ptrs, mask=sel[:, None], other=0.0) * scale
+    v = tl.load(sh_ptrs, mask=sel[:, None], other=0.0)
+    for ks in range(1, KSPLIT):
+        v += tl.load(sh_ptrs + ks * stride_k, mask=sel[:, None], other=0.0)
     b = tl.load(b_base + n[None, :] * stride_bn + r[:, None], mask=(r < R)[:, None] & n_ok[None, :],
                 other=0.0)
-    return _dot(v.to(b.dtype), b, acc, UPCAST, PREC)
+    return _dot((v * scale).to(b.dtype), b, acc, UPCAST, PREC)
 
 
 # ----------------------------------------------------------------------------- activations
@@ -219,7 +240,7 @@ def gate_up_kernel(
     sorted_ids_ptr,  # (M_MAX,) int32
     block_expert_ptr,  # (NB_MAX,) int32
     token_lora_ptr,  # (T,) int
-    xa_ptr,  # (M_MAX, 2 * RP) fp32 gate/up shrink of x
+    xa_ptr,  # (KSPLIT, M_MAX, 2 * RP) fp32 gate/up shrink partials of x
     w1b_ptr,  # (S, E, I, R) gate lora_b
     w3b_ptr,  # (S, E, I, R) up lora_b
     scale_ptr,  # (S, 3) fp32
@@ -228,9 +249,10 @@ def gate_up_kernel(
     # sizes
     H, I, R, P, S, NB_MAX,
     # strides
-    stride_xt, stride_we, stride_wn, stride_be, stride_hm, stride_xam, stride_bs, stride_bse, stride_bn,
+    stride_xt, stride_we, stride_wn, stride_be, stride_hm, stride_xak, stride_xam, stride_bs, stride_bse,
+    stride_bn,
     # meta
-    TOPK: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
+    KSPLIT: tl.constexpr, TOPK: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     RP: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
 ):
@@ -277,12 +299,12 @@ def gate_up_kernel(
             if tl.max(sel.to(tl.int32), axis=0) > 0:
                 bs = tl.cast(s, tl.int64) * stride_bs + e.to(tl.int64) * stride_bse
                 if tl.load(present_ptr + s * 3) != 0:
-                    acc_g = _expand_run(acc_g, xa_ptrs, tl.load(scale_ptr + s * 3), sel, w1b_ptr + bs,
-                                        n, n_ok, R, stride_bn, RP, UPCAST, PREC)
+                    acc_g = _expand_run(acc_g, xa_ptrs, stride_xak, tl.load(scale_ptr + s * 3), sel,
+                                        w1b_ptr + bs, n, n_ok, R, stride_bn, KSPLIT, RP, UPCAST, PREC)
                 if tl.load(present_ptr + s * 3 + 1) != 0:
                     up_col = RP * (1 - tl.load(shared_ptr + s))
-                    acc_u = _expand_run(acc_u, xa_ptrs + up_col, tl.load(scale_ptr + s * 3 + 1), sel,
-                                        w3b_ptr + bs, n, n_ok, R, stride_bn, RP, UPCAST, PREC)
+                    acc_u = _expand_run(acc_u, xa_ptrs + up_col, stride_xak, tl.load(scale_ptr + s * 3 + 1),
+                                        sel, w3b_ptr + bs, n, n_ok, R, stride_bn, KSPLIT, RP, UPCAST, PREC)
     hv = _activate(acc_g, acc_u, ACT)
     h_ptrs = h_ptr + rows.to(tl.int64)[:, None] * stride_hm + n[None, :]
     tl.store(h_ptrs, hv.to(h_ptr.dtype.element_ty), mask=n_ok[None, :])
@@ -300,16 +322,17 @@ def down_kernel(
     sorted_ids_ptr,  # (M_MAX,) int32
     block_expert_ptr,  # (NB_MAX,) int32
     token_lora_ptr,  # (T,) int
-    ha_ptr,  # (M_MAX, RP) fp32 down shrink of h
+    ha_ptr,  # (KSPLIT, M_MAX, RP) fp32 down shrink partials of h
     w2b_ptr,  # (S, E, H, R) down lora_b
     scale_ptr,  # (S, 3) fp32
     present_ptr,  # (S, 3) int32
     # sizes
     H, I, R, P, S, NB_MAX,
     # strides
-    stride_hm, stride_we, stride_wn, stride_be, stride_ym, stride_ham, stride_bs, stride_bse, stride_bn,
+    stride_hm, stride_we, stride_wn, stride_be, stride_ym, stride_hak, stride_ham, stride_bs, stride_bse,
+    stride_bn,
     # meta
-    TOPK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
+    KSPLIT: tl.constexpr, TOPK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     RP: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
 ):
@@ -344,8 +367,8 @@ def down_kernel(
             sel = slot == s
             if (tl.max(sel.to(tl.int32), axis=0) > 0) & (tl.load(present_ptr + s * 3 + 2) != 0):
                 bs = tl.cast(s, tl.int64) * stride_bs + e.to(tl.int64) * stride_bse
-                acc = _expand_run(acc, ha_ptrs, tl.load(scale_ptr + s * 3 + 2), sel, w2b_ptr + bs,
-                                  n, n_ok, R, stride_bn, RP, UPCAST, PREC)
+                acc = _expand_run(acc, ha_ptrs, stride_hak, tl.load(scale_ptr + s * 3 + 2), sel,
+                                  w2b_ptr + bs, n, n_ok, R, stride_bn, KSPLIT, RP, UPCAST, PREC)
     if HAS_BIAS:
         acc += tl.load(b2_ptr + e.to(tl.int64) * stride_be + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     wt = tl.load(topk_w_ptr + ids, mask=valid, other=0.0).to(tl.float32)

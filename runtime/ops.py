@@ -95,7 +95,7 @@ def _device_name(x):
 
 
 def moe_lora_forward(x, w13, w2, topk_ids, topk_weights, slots=None, token_lora=None,
-                     activation="silu", w13_bias=None, w2_bias=None):
+                     activation="silu", w13_bias=None, w2_bias=None, out=None):
     """MoE layer forward with a per-token LoRA adapter (formats.md section 4).
 
     x (T, H); w13 (E, 2I, H) gate rows then up rows; w2 (E, H, I); topk_ids (T, k) int;
@@ -104,10 +104,16 @@ def moe_lora_forward(x, w13, w2, topk_ids, topk_weights, slots=None, token_lora=
     "swiglu_oai" (GPT-OSS clamped SwiGLU, usually with w13_bias (E, 2I) and w2_bias (E, H)).
     fp16 / bf16 / fp32, fp32 accumulation. Returns (T, H) in x.dtype. Expert ids outside
     [0, E) are dropped from the sum (not checked: checking would sync the device).
+    out: optional preallocated (T, H) result tensor (x's dtype and device).
     """
     T, H, I, E, k = _check_inputs(x, w13, w2, topk_ids, topk_weights, slots, token_lora,
                                   activation, w13_bias, w2_bias)
-    out = torch.empty(T, H, dtype=x.dtype, device=x.device)
+    if out is None:
+        out = torch.empty(T, H, dtype=x.dtype, device=x.device)
+    else:
+        _check_shape("out", out, (T, H))
+        if out.dtype != x.dtype or out.device != x.device:
+            raise DtypeError(f"out: {out.dtype} on {out.device}, expected {x.dtype} on {x.device}")
     if T == 0:
         return out
     cfg = tuning.get_config(T, E, H, I, k, str(x.dtype).removeprefix("torch."), _device_name(x))
@@ -130,10 +136,10 @@ def _launch(x, w13, w2, topk_ids, topk_weights, slots, token_lora, act, w13_bias
     y = torch.empty(T * k, H, dtype=x.dtype, device=x.device)
     xa = ha = None
     if has_lora:
-        xa, ha = _shrink_x(x, slots, rt, token_lora, k, cfg["shrink"], meta), None
+        xa = _shrink(x, slots.w1_a, slots.w3_a, rt, slots, token_lora, k, True, cfg["shrink"], meta)
     _gate_up(x, w13, w13_bias, h, rt, slots, token_lora, xa, act, k, cfg["gate_up"], meta)
     if has_lora:
-        ha = _shrink_h(h, slots, rt, token_lora, k, cfg["shrink"], meta)
+        ha = _shrink(h, slots.w2_a, slots.w2_a, rt, slots, token_lora, k, False, cfg["shrink"], meta)
     _down(h, w2, w2_bias, y, topk_weights.reshape(-1), rt, slots, token_lora, ha, k, cfg["down"], meta)
     torch.sum(y.view(T, k, H), dim=1, out=out)
 
@@ -147,31 +153,28 @@ def _lora_args(slots, token_lora, x):
             slots.shared_a, slots.w2_a)
 
 
-def _shrink_x(x, slots, rt, token_lora, k, cfg, meta):
-    """xa (M_MAX, 2*RP) fp32: x @ A^T for gate (cols [0,RP)) and up (cols [RP,2RP))."""
-    rp = meta["RP"]
-    xa = torch.empty(rt.num_blocks_max * rt.block_m, 2 * rp, dtype=torch.float32, device=x.device)
-    a1, a3 = slots.w1_a, slots.w3_a
-    kernels.lora_shrink_kernel[(rt.num_blocks_max, 2)](
-        x, a1, a3, xa, rt.sorted_ids, rt.block_expert, token_lora, slots.present, slots.shared_a,
-        x.shape[1], slots.max_rank, x.shape[0] * k, slots.num_slots,
-        x.stride(0), a1.stride(0), a1.stride(1), a1.stride(2), xa.stride(0),
-        PROJ0=0, GATHER=True, TOPK=k, BLOCK_M=rt.block_m, EVEN_K=x.shape[1] % cfg["BLOCK_K"] == 0,
-        **meta, **cfg)
-    return xa
+def _split(D, cfg):
+    """(SPLIT_K, KSPLIT): K range per shrink program and the number of partials."""
+    split = cfg.get("SPLIT_K") or D
+    split = max(cfg["BLOCK_K"], triton.cdiv(min(split, D), cfg["BLOCK_K"]) * cfg["BLOCK_K"])
+    return split, triton.cdiv(D, split)
 
 
-def _shrink_h(h, slots, rt, token_lora, k, cfg, meta):
-    """ha (M_MAX, RP) fp32: h @ A_down^T per sorted row."""
-    ha = torch.empty(h.shape[0], meta["RP"], dtype=torch.float32, device=h.device)
-    a2 = slots.w2_a
-    kernels.lora_shrink_kernel[(rt.num_blocks_max, 1)](
-        h, a2, a2, ha, rt.sorted_ids, rt.block_expert, token_lora, slots.present, slots.shared_a,
-        h.shape[1], slots.max_rank, token_lora.shape[0] * k, slots.num_slots,
-        h.stride(0), a2.stride(0), a2.stride(1), a2.stride(2), ha.stride(0),
-        PROJ0=2, GATHER=False, TOPK=k, BLOCK_M=rt.block_m, EVEN_K=h.shape[1] % cfg["BLOCK_K"] == 0,
-        **meta, **cfg)
-    return ha
+def _shrink(src, a0, a1, rt, slots, token_lora, k, pair, cfg, meta):
+    """(KSPLIT, M_MAX, (1 + pair) * RP) fp32 partial sums of src @ A^T per sorted row."""
+    D, rp = src.shape[1], meta["RP"]
+    cfg = dict(cfg)
+    split, ksplit = _split(D, cfg)
+    cfg.pop("SPLIT_K", None)
+    out = torch.empty(ksplit, rt.num_blocks_max * rt.block_m, (1 + pair) * rp, dtype=torch.float32,
+                      device=src.device)
+    kernels.lora_shrink_kernel[(rt.num_blocks_max, ksplit)](
+        src, a0, a1, out, rt.sorted_ids, rt.block_expert, token_lora, slots.present, slots.shared_a,
+        D, slots.max_rank, token_lora.shape[0] * k, slots.num_slots,
+        src.stride(0), a0.stride(0), a0.stride(1), a0.stride(2), out.stride(0), out.stride(1),
+        PAIR=pair, GATHER=pair, TOPK=k, SPLIT_K=split, BLOCK_M=rt.block_m,
+        EVEN_K=D % cfg["BLOCK_K"] == 0, **meta, **cfg)
+    return out
 
 
 def _gate_up(x, w13, bias, h, rt, slots, token_lora, xa, act, k, cfg, meta):
@@ -179,7 +182,7 @@ def _gate_up(x, w13, bias, h, rt, slots, token_lora, xa, act, k, cfg, meta):
     T, H = x.shape
     E, I = w13.shape[0], w13.shape[1] // 2
     tl_, w1b, w3b, _, scale, present, shared, _ = _lora_args(slots, token_lora, x)
-    xa = xa if xa is not None else x.new_empty(1, dtype=torch.float32)
+    xa = xa if xa is not None else x.new_empty(1, 1, 1, dtype=torch.float32)
     b = bias if bias is not None else x.new_empty(1, 1)
     R = slots.max_rank if slots is not None else 1
     S = slots.num_slots if slots is not None else 0
@@ -189,9 +192,9 @@ def _gate_up(x, w13, bias, h, rt, slots, token_lora, xa, act, k, cfg, meta):
     kernels.gate_up_kernel[grid](
         x, w13, b, h, rt.sorted_ids, rt.block_expert, tl_, xa, w1b, w3b, scale, present, shared,
         H, I, R, T * k, S, rt.num_blocks_max,
-        x.stride(0), w13.stride(0), w13.stride(1), b.stride(0), h.stride(0), xa.stride(0),
+        x.stride(0), w13.stride(0), w13.stride(1), b.stride(0), h.stride(0), xa.stride(0), xa.stride(1),
         w1b.stride(0) if slots else 0, w1b.stride(1) if slots else 0, w1b.stride(2) if slots else 0,
-        TOPK=k, ACT=act, HAS_BIAS=bias is not None, HAS_LORA=slots is not None, BLOCK_M=bm,
+        KSPLIT=xa.shape[0], TOPK=k, ACT=act, HAS_BIAS=bias is not None, HAS_LORA=slots is not None, BLOCK_M=bm,
         EVEN_K=H % cfg["BLOCK_K"] == 0, **meta, **cfg)
 
 
@@ -199,7 +202,7 @@ def _down(h, w2, bias, y, topk_w, rt, slots, token_lora, ha, k, cfg, meta):
     """y (P, H) = topk_weight * (h W2^T + dW2 + b2) per pair."""
     E, H, I = w2.shape
     tl_, _, _, w2b, scale, present, _, _ = _lora_args(slots, token_lora, h)
-    ha = ha if ha is not None else h.new_empty(1, dtype=torch.float32)
+    ha = ha if ha is not None else h.new_empty(1, 1, 1, dtype=torch.float32)
     b = bias if bias is not None else h.new_empty(1, 1)
     R = slots.max_rank if slots is not None else 1
     S = slots.num_slots if slots is not None else 0
@@ -207,7 +210,8 @@ def _down(h, w2, bias, y, topk_w, rt, slots, token_lora, ha, k, cfg, meta):
     kernels.down_kernel[grid](
         h, w2, b, y, topk_w, rt.sorted_ids, rt.block_expert, tl_, ha, w2b, scale, present,
         H, I, R, y.shape[0], S, rt.num_blocks_max,
-        h.stride(0), w2.stride(0), w2.stride(1), b.stride(0), y.stride(0), ha.stride(0),
+        h.stride(0), w2.stride(0), w2.stride(1), b.stride(0), y.stride(0), ha.stride(0), ha.stride(1),
         w2b.stride(0) if slots else 0, w2b.stride(1) if slots else 0, w2b.stride(2) if slots else 0,
-        TOPK=k, HAS_BIAS=bias is not None, HAS_LORA=slots is not None, BLOCK_M=rt.block_m,
+        KSPLIT=ha.shape[0], TOPK=k, HAS_BIAS=bias is not None, HAS_LORA=slots is not None,
+        BLOCK_M=rt.block_m,
         EVEN_K=I % cfg["BLOCK_K"] == 0, **meta, **cfg)

@@ -1,14 +1,17 @@
 """Kernel configs: env pin (RELAYOUT_RUNTIME_CONFIG) -> tuned table (configs/<device>.json) -> heuristic default."""
 import functools
 import json
+import math
 import os
 from pathlib import Path
+
+from .errors import MoeLoraError
 
 ENV = "RELAYOUT_RUNTIME_CONFIG"
 _DIR = Path(__file__).with_name("configs")
 GATE_UP_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
 DOWN_KEYS = ("BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
-SHRINK_KEYS = ("BLOCK_K", "num_warps", "num_stages")
+SHRINK_KEYS = ("BLOCK_K", "SPLIT_K", "num_warps", "num_stages")
 
 
 def default_config(num_tokens, num_experts, top_k):
@@ -23,7 +26,8 @@ def default_config(num_tokens, num_experts, top_k):
     else:
         gu = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4)
         dn = dict(BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4)
-    return {"gate_up": gu, "down": dn, "shrink": dict(BLOCK_K=256, num_warps=4, num_stages=2)}
+    split = 256 if rows <= 16 else 0  # decode: spread the shrink over K; 0 = whole K per program
+    return {"gate_up": gu, "down": dn, "shrink": dict(BLOCK_K=128, SPLIT_K=split, num_warps=4, num_stages=2)}
 
 
 def shape_key(num_experts, hidden, inter, top_k, dtype_name):
@@ -52,9 +56,12 @@ def get_config(num_tokens, num_experts, hidden, inter, top_k, dtype_name, device
     cfg = default_config(num_tokens, num_experts, top_k)
     entries = _table(device_name).get(shape_key(num_experts, hidden, inter, top_k, dtype_name))
     if entries:
-        bucket = min(entries, key=lambda t: abs(int(t) - num_tokens))
+        bucket = min(entries, key=lambda t: abs(math.log(int(t)) - math.log(num_tokens)))
         cfg = _merge(cfg, entries[bucket])
     pin = os.environ.get(ENV)
     if pin:
-        cfg = _merge(cfg, json.loads(pin))
+        try:
+            cfg = _merge(cfg, json.loads(pin))
+        except (json.JSONDecodeError, AttributeError) as exc:
+            raise MoeLoraError(f"{ENV}={pin!r} is not a JSON object of config keys ({exc})") from None
     return cfg

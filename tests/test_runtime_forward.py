@@ -148,11 +148,18 @@ def test_swiglu_oai_with_biases(dtype, atol, rtol):
     _close(out, ref, atol * 4, rtol)
 
 
-def test_pinned_config_gives_same_result(monkeypatch):
+PINS = [
+    {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2},  # bigger blocks, grouped order
+    {"shrink": {"BLOCK_K": 16, "SPLIT_K": 16}},  # shrink split over K: partial sums
+    {"shrink": {"BLOCK_K": 32, "SPLIT_K": 0}, "gate_up": {"BLOCK_K": 32}},  # K tails (48 % 32)
+]
+
+
+@pytest.mark.parametrize("pin", PINS)
+def test_pinned_config_gives_same_result(monkeypatch, pin):
     # the env escape hatch changes block shapes, not results
     x, w13, w2, _, _, ids, wts, slots, adapters, tl_ = _case(12, 48, 40, 5, 2, torch.float32)
-    monkeypatch.setenv("RELAYOUT_RUNTIME_CONFIG",
-                       json.dumps({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}))
+    monkeypatch.setenv("RELAYOUT_RUNTIME_CONFIG", json.dumps(pin))
     out = moe_lora_forward(x, w13, w2, ids, wts, slots, tl_)
     _close(out, moe_reference(x, w13, w2, ids, wts, adapters, tl_), 1e-4, 1e-4)
 
