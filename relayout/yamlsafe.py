@@ -49,6 +49,9 @@ class _Builder:
         if self.count > MAX_NODES or depth > MAX_DEPTH:
             raise RelayoutError(f"line {node.start_mark.line + 1}: document too large or too deeply nested")
         self.lines[path] = node.start_mark.line + 1
+        plain = {yaml.MappingNode: "tag:yaml.org,2002:map", yaml.SequenceNode: "tag:yaml.org,2002:seq"}.get(type(node))
+        if plain is not None and node.tag != plain:  # scalars go through the safe constructor, which refuses tags
+            raise RelayoutError(f"line {node.start_mark.line + 1}: YAML tag {node.tag!r} is not allowed in rule files")
         if isinstance(node, yaml.MappingNode):
             out: dict[str, object] = {}
             for key_node, value_node in node.value:
