@@ -46,6 +46,8 @@ def _schema_problems(src: Source, validator: jsonschema.Draft202012Validator) ->
     problems = []
     for err in sorted(validator.iter_errors(src.data), key=lambda e: list(map(str, e.absolute_path))):
         path = "$" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err.absolute_path)
+        if err.validator == "additionalProperties" and isinstance(err.instance, dict):  # point at the unexpected key
+            path += next((f".{k}" for k in err.instance if k not in err.schema.get("properties", {})), "")
         problems.append(Problem(src.file, src.located.line(path), path, err.message))
     return problems
 
