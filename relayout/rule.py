@@ -117,10 +117,10 @@ def _schema() -> dict:
 
 def packaged_rules_dir() -> Path:
     """The rules shipped inside the package (the repository's rules/ folder, installed as relayout.rules)."""
-    try:
-        return Path(str(resources.files("relayout.rules")))
-    except (ModuleNotFoundError, TypeError):  # running from a source tree that is not installed
-        return Path(__file__).resolve().parent.parent / "rules"
+    # Not importlib.resources: relayout.rules is a namespace package, whose files() is a MultiplexedPath
+    # (str() of it is no path), and an editable install does not map it at all.
+    installed = Path(__file__).resolve().parent / "rules"
+    return installed if installed.is_dir() else Path(__file__).resolve().parent.parent / "rules"
 
 
 def rule_paths(extra: list[str | Path] = (), packaged: bool = True) -> list[Path]:
