@@ -112,13 +112,19 @@ def _alpha(rank: int, scale: float, rslora: bool) -> float:
     return int(round(alpha)) if abs(alpha - round(alpha)) < 1e-9 else alpha
 
 
-def _compress(values: dict[str, float | int]) -> dict[str, float | int]:
-    """Module -> value as few PEFT patterns as possible: one per layer-independent name when layers agree."""
+def _compress(values: dict[str, float | int], default: float | int) -> dict[str, float | int]:
+    """Module -> value as few PEFT patterns as possible: one per layer-independent name when layers agree.
+
+    Grouping sees every module, also those at the default (which get no pattern), so a name-wide pattern is
+    only written when no layer of that name needs the default.
+    """
     groups: dict[str, set] = {}
     for module, value in values.items():
         groups.setdefault(re.sub(r"\\\.\d+\\\.", r"\\.\\d+\\.", re.escape(module)), set()).add(value)
     out = {}
     for module, value in values.items():
+        if value == default:
+            continue
         general = re.sub(r"\\\.\d+\\\.", r"\\.\\d+\\.", re.escape(module))
         if len(groups[general]) == 1:
             out[general] = value
@@ -143,8 +149,7 @@ def peft_config(adapter: Adapter, det: Detected, targets: list[TargetBlock], fmt
     r, alpha = Counter(ranks.values()).most_common(1)[0][0], Counter(alphas.values()).most_common(1)[0][0]
     config = dict(adapter.config)
     config.update(r=r, lora_alpha=alpha, peft_version=peft_version,
-                  rank_pattern=_compress({m: v for m, v in ranks.items() if v != r}),
-                  alpha_pattern=_compress({m: v for m, v in alphas.items() if v != alpha}))
+                  rank_pattern=_compress(ranks, r), alpha_pattern=_compress(alphas, alpha))
     rule = det.rule
     expert_names = set(dict(rule.projections).values())
     passthrough_names = {k.removeprefix(PEFT_PREFIX).split(".lora_")[0].rsplit(".", 1)[-1]
