@@ -186,8 +186,11 @@ def sweep_T(T, w13, w2, log):
 def sweep_shrink(T, w13, w2, base_cfg, slots, tl_, log):
     x, ids, wts = make_inputs(T, seed=T)
     best = None
-    for c in [dict(BLOCK_K=256, num_warps=4, num_stages=2), dict(BLOCK_K=512, num_warps=4, num_stages=2),
-              dict(BLOCK_K=128, num_warps=4, num_stages=3), dict(BLOCK_K=256, num_warps=8, num_stages=3)]:
+    small = T * K / E <= 16
+    cands = ([(16, 128, 256, 4), (16, 128, 512, 4), (16, 64, 128, 4), (16, 128, 1024, 4)] if small else
+             [(32, 128, 0, 4), (64, 128, 0, 4), (16, 128, 0, 4), (64, 64, 0, 4), (32, 128, 512, 4)])
+    for bm, bk, split, w in cands:
+        c = dict(BLOCK_M=bm, BLOCK_K=bk, SPLIT_K=split, num_warps=w, num_stages=2)
         trial = dict(base_cfg, shrink=c)
         os.environ[tuning.ENV] = json.dumps(trial)
         t = time_ms(lambda: moe_lora_forward(x, w13, w2, ids, wts, slots, tl_), rep=50)

@@ -41,6 +41,18 @@ def _block_rows(sorted_ids_ptr, token_lora_ptr, pid_m, P, S,
 
 
 @triton.jit
+def _block_runs(sorted_ids_ptr, token_lora_ptr, rows, slot, pid_m, P, S,
+                TOPK: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Rows are sorted by slot inside a block: run index of each row (-1 before the first run) and run count."""
+    prev = tl.load(sorted_ids_ptr + rows - 1, mask=rows > pid_m * BLOCK_M, other=P)
+    prev_slot = tl.load(token_lora_ptr + prev // TOPK, mask=prev < P, other=-1).to(tl.int32)
+    prev_slot = tl.where((prev < P) & (prev_slot >= 0) & (prev_slot < S), prev_slot, -1)
+    start = (slot >= 0) & (slot != prev_slot)
+    run = tl.cumsum(start.to(tl.int32), axis=0) - 1
+    return tl.where(slot >= 0, run, -1), tl.sum(start.to(tl.int32), axis=0)
+
+
+@triton.jit
 def _route_keys(topk_ids_ptr, token_lora_ptr, offs, P, E, S,
                 TOPK: tl.constexpr, S1P: tl.constexpr, HAS_LORA: tl.constexpr):
     """Sort key expert * S1P + (slot + 1) of each (token, k) pair; mask drops bad expert ids."""
@@ -69,22 +81,21 @@ def route_histogram_kernel(
 
 
 @triton.jit
-def route_prefix_kernel(
-    counts_ptr,  # (E_PAD * S1P,) int32 pairs per key
-    cursor_ptr,  # (E_PAD * S1P,) int32 out: first sorted row of each key
-    sorted_ids_ptr,  # (M_MAX,) int32 out: padding rows of each expert set to P
-    block_expert_ptr,  # (NB_MAX,) int32 out: expert of each row block, -1 past the end
-    P, NB_MAX,
-    S1P: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BB: tl.constexpr,
-):
+def _prefix(counts_ptr, cursor_ptr, sorted_ids_ptr, block_expert_ptr, seg_ptr, nseg_ptr, P, NB_MAX,
+            S1P: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BB: tl.constexpr,
+            HAS_LORA: tl.constexpr):
+    """Counts per key -> first row per key, padding rows, block -> expert table, segments."""
     e = tl.arange(0, E_PAD)
     idx = e[:, None] * S1P + tl.arange(0, S1P)[None, :]
-    cnt = tl.load(counts_ptr + idx)
+    cnt = tl.load(counts_ptr + idx, cache_modifier=".cg")
     ecount = tl.sum(cnt, axis=1)
     epad = (ecount + BLOCK_M - 1) // BLOCK_M * BLOCK_M
     eend = tl.cumsum(epad, axis=0)
     estart = eend - epad
-    tl.store(cursor_ptr + idx, estart[:, None] + tl.cumsum(cnt, axis=1) - cnt)
+    kstart = estart[:, None] + tl.cumsum(cnt, axis=1) - cnt
+    tl.store(cursor_ptr + idx, kstart)
+    if HAS_LORA:
+        _store_segments(seg_ptr, nseg_ptr, cnt, kstart, e, S1P)
     j = tl.arange(0, BLOCK_M)[None, :]
     pad = tl.zeros((E_PAD, BLOCK_M), tl.int32) + P
     tl.store(sorted_ids_ptr + (estart + ecount)[:, None] + j, pad, mask=j < (epad - ecount)[:, None])
@@ -94,6 +105,72 @@ def route_prefix_kernel(
         start = b * BLOCK_M
         be = tl.sum((eend[None, :] <= start[:, None]).to(tl.int32), axis=1)
         tl.store(block_expert_ptr + b, tl.where(start < total, be, -1), mask=b < NB_MAX)
+
+
+@triton.jit
+def route_prefix_kernel(
+    counts_ptr,  # (E_PAD * S1P,) int32 pairs per key
+    cursor_ptr,  # (E_PAD * S1P,) int32 out: first sorted row of each key
+    sorted_ids_ptr,  # (M_MAX,) int32 out: padding rows of each expert set to P
+    block_expert_ptr,  # (NB_MAX,) int32 out: expert of each row block, -1 past the end
+    seg_ptr,  # (SEG_MAX, 4) int32 out: (expert, slot, first row, rows) of each non-empty adapter segment
+    nseg_ptr,  # (1,) int32 out: number of segments
+    P, NB_MAX,
+    S1P: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BB: tl.constexpr,
+    HAS_LORA: tl.constexpr,
+):
+    _prefix(counts_ptr, cursor_ptr, sorted_ids_ptr, block_expert_ptr, seg_ptr, nseg_ptr, P, NB_MAX,
+            S1P, E_PAD, BLOCK_M, BB, HAS_LORA)
+
+
+@triton.jit
+def route_small_kernel(
+    topk_ids_ptr,  # (P,) int
+    token_lora_ptr,  # (T,) int
+    counts_ptr,  # (E_PAD * S1P,) int32 scratch, zeroed here
+    cursor_ptr,  # (E_PAD * S1P,) int32 scratch
+    sorted_ids_ptr,  # (M_MAX,) int32 out
+    block_expert_ptr,  # (NB_MAX,) int32 out
+    seg_ptr,  # (SEG_MAX, 4) int32 out
+    nseg_ptr,  # (1,) int32 out
+    P, E, S, NB_MAX,
+    TOPK: tl.constexpr, S1P: tl.constexpr, E_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+    BB: tl.constexpr, HAS_LORA: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """All routing in one program (small P): zero -> histogram -> prefix -> scatter, barriers between."""
+    for i0 in range(0, E_PAD * S1P, BLOCK):
+        tl.store(counts_ptr + i0 + tl.arange(0, BLOCK), tl.zeros((BLOCK,), tl.int32),
+                 mask=i0 + tl.arange(0, BLOCK) < E_PAD * S1P)
+    tl.debug_barrier()
+    for p0 in range(0, P, BLOCK):
+        key, ok = _route_keys(topk_ids_ptr, token_lora_ptr, p0 + tl.arange(0, BLOCK), P, E, S,
+                              TOPK, S1P, HAS_LORA)
+        tl.atomic_add(counts_ptr + key, 1, mask=ok)
+    tl.debug_barrier()
+    _prefix(counts_ptr, cursor_ptr, sorted_ids_ptr, block_expert_ptr, seg_ptr, nseg_ptr, P, NB_MAX,
+            S1P, E_PAD, BLOCK_M, BB, HAS_LORA)
+    tl.debug_barrier()
+    for p0 in range(0, P, BLOCK):
+        offs = p0 + tl.arange(0, BLOCK)
+        key, ok = _route_keys(topk_ids_ptr, token_lora_ptr, offs, P, E, S, TOPK, S1P, HAS_LORA)
+        pos = tl.atomic_add(cursor_ptr + key, 1, mask=ok)
+        tl.store(sorted_ids_ptr + pos, offs, mask=ok)
+
+
+@triton.jit
+def _store_segments(seg_ptr, nseg_ptr, cnt, kstart, e, S1P: tl.constexpr):
+    """Compact the (expert, slot >= 0) keys with rows into the segment table."""
+    sidx = tl.arange(0, S1P)[None, :]
+    ne = (cnt > 0) & (sidx >= 1)
+    nei = ne.to(tl.int32)
+    row_total = tl.sum(nei, axis=1)
+    pos = (tl.cumsum(row_total, axis=0) - row_total)[:, None] + tl.cumsum(nei, axis=1) - nei
+    base = seg_ptr + pos * 4
+    tl.store(base, e[:, None] + sidx * 0, mask=ne)
+    tl.store(base + 1, sidx - 1 + 0 * e[:, None], mask=ne)
+    tl.store(base + 2, kstart, mask=ne)
+    tl.store(base + 3, cnt, mask=ne)
+    tl.store(nseg_ptr, tl.sum(row_total, axis=0))
 
 
 @triton.jit
@@ -150,12 +227,12 @@ def lora_shrink_kernel(
     a1_ptr,  # (S, E, R, D) lora_a: w3 (read only if PAIR)
     out_ptr,  # (KSPLIT, M_MAX, NCOL * RP) fp32 out: partial shrink per K split, cols gate|up or down
     sorted_ids_ptr,  # (M_MAX,) int32
-    block_expert_ptr,  # (NB_MAX,) int32
-    token_lora_ptr,  # (T,) int
+    seg_ptr,  # (SEG_MAX, 4) int32 (expert, slot, first row, rows) per adapter segment
+    nseg_ptr,  # (1,) int32
     present_ptr,  # (S, 3) int32
     shared_ptr,  # (S,) int32
     # sizes
-    D, R, P, S,
+    D, R,
     # strides
     stride_in, stride_as, stride_ae, stride_ar, stride_ok, stride_om,
     # meta
@@ -163,58 +240,67 @@ def lora_shrink_kernel(
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, RP: tl.constexpr,
     EVEN_K: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
+    """One program per (expert, slot) segment and K split: every row it reads uses one A."""
+    pid = tl.program_id(0)
     ks = tl.program_id(1)
-    e = tl.load(block_expert_ptr + pid_m)
-    if e < 0:
+    if pid >= tl.load(nseg_ptr):
         return
-    rows, ids, valid, tok, slot = _block_rows(sorted_ids_ptr, token_lora_ptr, pid_m, P, S,
-                                              TOPK, BLOCK_M, True)
+    e = tl.load(seg_ptr + pid * 4)
+    s = tl.load(seg_ptr + pid * 4 + 1)
+    first = tl.load(seg_ptr + pid * 4 + 2)
+    end = first + tl.load(seg_ptr + pid * 4 + 3)
+    p0 = tl.load(present_ptr + s * 3 + 2 * (1 - PAIR)) != 0
+    p1 = p0 & False
+    if PAIR:
+        p1 = (tl.load(present_ptr + s * 3 + 1) != 0) & (tl.load(shared_ptr + s) == 0)
     k_lo = ks * SPLIT_K
     k_hi = tl.minimum(k_lo + SPLIT_K, D)
-    src = tok if GATHER else rows
-    in_ptrs = in_ptr + src.to(tl.int64)[:, None] * stride_in + (k_lo + tl.arange(0, BLOCK_K))[None, :]
+    base = s.to(tl.int64) * stride_as + e.to(tl.int64) * stride_ae
     a_off = tl.arange(0, RP)[None, :] * stride_ar + (k_lo + tl.arange(0, BLOCK_K))[:, None]
-    out_ptrs = out_ptr + ks * stride_ok + rows[:, None] * stride_om + tl.arange(0, RP)[None, :]
-    col = 0
-    if PAIR:
-        col = RP
-    s_lo = tl.min(tl.where(slot >= 0, slot, S), axis=0)
-    s_hi = tl.max(slot, axis=0)
-    for s in range(s_lo, s_hi + 1):
-        sel = slot == s
-        if tl.max(sel.to(tl.int32), axis=0) > 0:
-            base = tl.cast(s, tl.int64) * stride_as + e.to(tl.int64) * stride_ae
-            p0 = tl.load(present_ptr + s * 3 + 2 * (1 - PAIR)) != 0
-            p1 = False
-            if PAIR:
-                p1 = (tl.load(present_ptr + s * 3 + 1) != 0) & (tl.load(shared_ptr + s) == 0)
+    a0_ptrs = a0_ptr + base + a_off
+    a1_ptrs = a1_ptr + base + a_off
+    if p0 | p1:
+        for c0 in range(first, end, BLOCK_M):
+            rows = c0 + tl.arange(0, BLOCK_M)
+            sel = rows < end
+            ids = tl.load(sorted_ids_ptr + rows, mask=sel, other=0)
+            if GATHER:
+                src = ids // TOPK
+            else:
+                src = rows
+            in_ptrs = in_ptr + src.to(tl.int64)[:, None] * stride_in + (k_lo + tl.arange(0, BLOCK_K))[None, :]
+            out_ptrs = out_ptr + ks * stride_ok + rows[:, None] * stride_om + tl.arange(0, RP)[None, :]
             if p0 & p1:
-                acc, acc2 = _shrink_run(in_ptrs, a0_ptr + base + a_off, sel, k_lo, k_hi, R,
-                                        a1_ptr + base + a_off, True, BLOCK_M, BLOCK_K, RP,
-                                        EVEN_K, UPCAST, PREC)
-                tl.store(out_ptrs, acc, mask=sel[:, None])
-                tl.store(out_ptrs + col, acc2, mask=sel[:, None])
-            elif p0 | p1:
-                a_ptrs = a0_ptr + base + a_off
-                if p1:
-                    a_ptrs = a1_ptr + base + a_off
-                acc, acc2 = _shrink_run(in_ptrs, a_ptrs, sel, k_lo, k_hi, R, a_ptrs, False,
+                acc, acc2 = _shrink_run(in_ptrs, a0_ptrs, sel, k_lo, k_hi, R, a1_ptrs, True,
                                         BLOCK_M, BLOCK_K, RP, EVEN_K, UPCAST, PREC)
-                tl.store(out_ptrs + tl.where(p1, col, 0), acc, mask=sel[:, None])
+                tl.store(out_ptrs, acc, mask=sel[:, None])
+                tl.store(out_ptrs + RP, acc2, mask=sel[:, None])
+            elif p0:
+                acc, acc2 = _shrink_run(in_ptrs, a0_ptrs, sel, k_lo, k_hi, R, a0_ptrs, False,
+                                        BLOCK_M, BLOCK_K, RP, EVEN_K, UPCAST, PREC)
+                tl.store(out_ptrs, acc, mask=sel[:, None])
+            else:
+                acc, acc2 = _shrink_run(in_ptrs, a1_ptrs, sel, k_lo, k_hi, R, a1_ptrs, False,
+                                        BLOCK_M, BLOCK_K, RP, EVEN_K, UPCAST, PREC)
+                tl.store(out_ptrs + RP, acc, mask=sel[:, None])
 
 
 # ----------------------------------------------------------------------------- LoRA expand
 @triton.jit
-def _expand_run(acc, sh_ptrs, stride_k, scale, sel, b_base, n, n_ok, R, stride_bn,
+def _expand_run(acc, sh_ptrs, stride_k, scale, sel, on, b_base, n, n_ok, R, stride_bn,
                 KSPLIT: tl.constexpr, RP: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
-    """acc + (scale * sum of shrink partials[sel rows]) @ B[n]^T  -- B (N, R) of one (slot, expert)."""
+    """acc + (scale * sum of shrink partials[sel rows]) @ B[n]^T  -- B (N, R) of one (slot, expert).
+
+    `on` (scalar) masks everything off when the slot lacks this projection: no bytes move.
+    """
     r = tl.arange(0, RP)
-    v = tl.load(sh_ptrs, mask=sel[:, None], other=0.0)
+    on_i = on.to(tl.int32)
+    rows_on = (sel & ((sel.to(tl.int32) * 0 + on_i) != 0))[:, None]
+    v = tl.load(sh_ptrs, mask=rows_on, other=0.0)
     for ks in range(1, KSPLIT):
-        v += tl.load(sh_ptrs + ks * stride_k, mask=sel[:, None], other=0.0)
-    b = tl.load(b_base + n[None, :] * stride_bn + r[:, None], mask=(r < R)[:, None] & n_ok[None, :],
-                other=0.0)
+        v += tl.load(sh_ptrs + ks * stride_k, mask=rows_on, other=0.0)
+    b = tl.load(b_base + n[None, :] * stride_bn + r[:, None],
+                mask=((r < R) & ((r * 0 + on_i) != 0))[:, None] & n_ok[None, :], other=0.0)
     return _dot((v * scale).to(b.dtype), b, acc, UPCAST, PREC)
 
 
@@ -290,21 +376,19 @@ def gate_up_kernel(
         acc_g += tl.load(b_ptrs, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         acc_u += tl.load(b_ptrs + I, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_LORA:
-        r = tl.arange(0, RP)
-        xa_ptrs = xa_ptr + rows[:, None] * stride_xam + r[None, :]
-        s_lo = tl.min(tl.where(slot >= 0, slot, S), axis=0)
-        s_hi = tl.max(slot, axis=0)
-        for s in range(s_lo, s_hi + 1):
-            sel = slot == s
-            if tl.max(sel.to(tl.int32), axis=0) > 0:
-                bs = tl.cast(s, tl.int64) * stride_bs + e.to(tl.int64) * stride_bse
-                if tl.load(present_ptr + s * 3) != 0:
-                    acc_g = _expand_run(acc_g, xa_ptrs, stride_xak, tl.load(scale_ptr + s * 3), sel,
-                                        w1b_ptr + bs, n, n_ok, R, stride_bn, KSPLIT, RP, UPCAST, PREC)
-                if tl.load(present_ptr + s * 3 + 1) != 0:
-                    up_col = RP * (1 - tl.load(shared_ptr + s))
-                    acc_u = _expand_run(acc_u, xa_ptrs + up_col, stride_xak, tl.load(scale_ptr + s * 3 + 1),
-                                        sel, w3b_ptr + bs, n, n_ok, R, stride_bn, KSPLIT, RP, UPCAST, PREC)
+        run, nruns = _block_runs(sorted_ids_ptr, token_lora_ptr, rows, slot, pid_m, P, S, TOPK, BLOCK_M)
+        xa_ptrs = xa_ptr + rows[:, None] * stride_xam + tl.arange(0, RP)[None, :]
+        for j in range(nruns):
+            sel = run == j
+            s = tl.max(tl.where(sel, slot, -1), axis=0)
+            bs = s.to(tl.int64) * stride_bs + e.to(tl.int64) * stride_bse
+            up_col = RP * (1 - tl.load(shared_ptr + s))
+            acc_g = _expand_run(acc_g, xa_ptrs, stride_xak, tl.load(scale_ptr + s * 3), sel,
+                                tl.load(present_ptr + s * 3) != 0, w1b_ptr + bs, n, n_ok, R, stride_bn,
+                                KSPLIT, RP, UPCAST, PREC)
+            acc_u = _expand_run(acc_u, xa_ptrs + up_col, stride_xak, tl.load(scale_ptr + s * 3 + 1), sel,
+                                tl.load(present_ptr + s * 3 + 1) != 0, w3b_ptr + bs, n, n_ok, R, stride_bn,
+                                KSPLIT, RP, UPCAST, PREC)
     hv = _activate(acc_g, acc_u, ACT)
     h_ptrs = h_ptr + rows.to(tl.int64)[:, None] * stride_hm + n[None, :]
     tl.store(h_ptrs, hv.to(h_ptr.dtype.element_ty), mask=n_ok[None, :])
@@ -360,15 +444,15 @@ def down_kernel(
         h_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
     if HAS_LORA:
+        run, nruns = _block_runs(sorted_ids_ptr, token_lora_ptr, rows, slot, pid_m, P, S, TOPK, BLOCK_M)
         ha_ptrs = ha_ptr + rows[:, None] * stride_ham + tl.arange(0, RP)[None, :]
-        s_lo = tl.min(tl.where(slot >= 0, slot, S), axis=0)
-        s_hi = tl.max(slot, axis=0)
-        for s in range(s_lo, s_hi + 1):
-            sel = slot == s
-            if (tl.max(sel.to(tl.int32), axis=0) > 0) & (tl.load(present_ptr + s * 3 + 2) != 0):
-                bs = tl.cast(s, tl.int64) * stride_bs + e.to(tl.int64) * stride_bse
-                acc = _expand_run(acc, ha_ptrs, stride_hak, tl.load(scale_ptr + s * 3 + 2), sel,
-                                  w2b_ptr + bs, n, n_ok, R, stride_bn, KSPLIT, RP, UPCAST, PREC)
+        for j in range(nruns):
+            sel = run == j
+            s = tl.max(tl.where(sel, slot, -1), axis=0)
+            bs = s.to(tl.int64) * stride_bs + e.to(tl.int64) * stride_bse
+            acc = _expand_run(acc, ha_ptrs, stride_hak, tl.load(scale_ptr + s * 3 + 2), sel,
+                              tl.load(present_ptr + s * 3 + 2) != 0, w2b_ptr + bs, n, n_ok, R, stride_bn,
+                              KSPLIT, RP, UPCAST, PREC)
     if HAS_BIAS:
         acc += tl.load(b2_ptr + e.to(tl.int64) * stride_be + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     wt = tl.load(topk_w_ptr + ids, mask=valid, other=0.0).to(tl.float32)

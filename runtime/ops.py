@@ -136,10 +136,10 @@ def _launch(x, w13, w2, topk_ids, topk_weights, slots, token_lora, act, w13_bias
     y = torch.empty(T * k, H, dtype=x.dtype, device=x.device)
     xa = ha = None
     if has_lora:
-        xa = _shrink(x, slots.w1_a, slots.w3_a, rt, slots, token_lora, k, True, cfg["shrink"], meta)
+        xa = _shrink(x, slots.w1_a, slots.w3_a, rt, slots, k, True, cfg["shrink"], meta)
     _gate_up(x, w13, w13_bias, h, rt, slots, token_lora, xa, act, k, cfg["gate_up"], meta)
     if has_lora:
-        ha = _shrink(h, slots.w2_a, slots.w2_a, rt, slots, token_lora, k, False, cfg["shrink"], meta)
+        ha = _shrink(h, slots.w2_a, slots.w2_a, rt, slots, k, False, cfg["shrink"], meta)
     _down(h, w2, w2_bias, y, topk_weights.reshape(-1), rt, slots, token_lora, ha, k, cfg["down"], meta)
     torch.sum(y.view(T, k, H), dim=1, out=out)
 
@@ -160,20 +160,26 @@ def _split(D, cfg):
     return split, triton.cdiv(D, split)
 
 
-def _shrink(src, a0, a1, rt, slots, token_lora, k, pair, cfg, meta):
-    """(KSPLIT, M_MAX, (1 + pair) * RP) fp32 partial sums of src @ A^T per sorted row."""
+def _shrink(src, a0, a1, rt, slots, k, pair, cfg, meta):
+    """(KSPLIT, M_MAX, (1 + pair) * RP) fp32 partial sums of src @ A^T per sorted row.
+
+    One program per (expert, slot) segment and K split; rows of other projections' absent
+    adapters are left unwritten (the expand masks them off by the same presence flags).
+    """
     D, rp = src.shape[1], meta["RP"]
     cfg = dict(cfg)
     split, ksplit = _split(D, cfg)
     cfg.pop("SPLIT_K", None)
     out = torch.empty(ksplit, rt.num_blocks_max * rt.block_m, (1 + pair) * rp, dtype=torch.float32,
                       device=src.device)
-    kernels.lora_shrink_kernel[(rt.num_blocks_max, ksplit)](
-        src, a0, a1, out, rt.sorted_ids, rt.block_expert, token_lora, slots.present, slots.shared_a,
-        D, slots.max_rank, token_lora.shape[0] * k, slots.num_slots,
+    if rt.max_segments == 0:
+        return out
+    kernels.lora_shrink_kernel[(rt.max_segments, ksplit)](
+        src, a0, a1, out, rt.sorted_ids, rt.segments, rt.num_segments, slots.present, slots.shared_a,
+        D, slots.max_rank,
         src.stride(0), a0.stride(0), a0.stride(1), a0.stride(2), out.stride(0), out.stride(1),
-        PAIR=pair, GATHER=pair, TOPK=k, SPLIT_K=split, BLOCK_M=rt.block_m,
-        EVEN_K=D % cfg["BLOCK_K"] == 0, **meta, **cfg)
+        PAIR=pair, GATHER=pair, TOPK=k, SPLIT_K=split, EVEN_K=D % cfg["BLOCK_K"] == 0 and split % cfg["BLOCK_K"] == 0,
+        **meta, **cfg)
     return out
 
 

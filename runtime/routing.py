@@ -7,6 +7,7 @@ import triton
 from . import kernels
 
 _BLOCK = 1024  # pairs per program in the histogram and scatter kernels
+SMALL_P = 2048  # up to this many pairs, one program does all routing (one launch, no memset)
 
 
 class Routing(NamedTuple):
@@ -14,6 +15,7 @@ class Routing(NamedTuple):
 
     sorted_ids (M_MAX,) int32: pair id (t * k + j) per sorted row, P on padding rows.
     block_expert (NB_MAX,) int32: expert of each block of block_m rows, -1 past the end.
+    segments: the non-empty (expert, slot >= 0) runs of sorted rows, for the LoRA shrink.
     Sizes are upper bounds known on the host, so no device->host sync is needed.
     """
 
@@ -21,6 +23,9 @@ class Routing(NamedTuple):
     block_expert: torch.Tensor
     block_m: int
     num_blocks_max: int
+    segments: torch.Tensor  # (SEG_MAX, 4) int32 (expert, slot, first row, rows) per adapter segment
+    num_segments: torch.Tensor  # (1,) int32 on the device
+    max_segments: int
 
 
 def max_blocks(num_pairs, num_experts, block_m):
@@ -42,16 +47,24 @@ def route(topk_ids, token_lora, num_experts, num_slots, block_m):
     nb_max = max_blocks(P, num_experts, block_m)
     ids = topk_ids.reshape(-1)
     lora = token_lora if has_lora else ids
-    counts = torch.zeros(e_pad * s1p, dtype=torch.int32, device=dev)
+    counts = torch.empty(e_pad * s1p, dtype=torch.int32, device=dev)
     cursor = torch.empty_like(counts)
     sorted_ids = torch.empty(nb_max * block_m, dtype=torch.int32, device=dev)
     block_expert = torch.empty(nb_max, dtype=torch.int32, device=dev)
-    grid = (triton.cdiv(P, _BLOCK),)
-    common = dict(TOPK=k, S1P=s1p, HAS_LORA=has_lora, BLOCK=_BLOCK)
-    kernels.route_histogram_kernel[grid](ids, lora, counts, P, num_experts, num_slots, **common)
-    kernels.route_prefix_kernel[(1,)](counts, cursor, sorted_ids, block_expert, P, nb_max,
-                                      S1P=s1p, E_PAD=e_pad, BLOCK_M=block_m, BB=64,
-                                      num_warps=8)
-    kernels.route_scatter_kernel[grid](ids, lora, cursor, sorted_ids, P, num_experts, num_slots,
-                                       **common)
-    return Routing(sorted_ids, block_expert, block_m, nb_max)
+    seg_max = min(P, num_experts * num_slots) if has_lora else 0
+    segments = torch.empty(max(seg_max, 1), 4, dtype=torch.int32, device=dev)
+    num_segments = torch.empty(1, dtype=torch.int32, device=dev)
+    tables = (sorted_ids, block_expert, segments, num_segments)
+    sizes = dict(S1P=s1p, E_PAD=e_pad, BLOCK_M=block_m, BB=64, HAS_LORA=has_lora)
+    if P <= SMALL_P:
+        kernels.route_small_kernel[(1,)](ids, lora, counts, cursor, *tables, P, num_experts, num_slots,
+                                         nb_max, TOPK=k, BLOCK=_BLOCK, num_warps=8, **sizes)
+    else:
+        counts.zero_()
+        grid = (triton.cdiv(P, _BLOCK),)
+        common = dict(TOPK=k, S1P=s1p, HAS_LORA=has_lora, BLOCK=_BLOCK)
+        kernels.route_histogram_kernel[grid](ids, lora, counts, P, num_experts, num_slots, **common)
+        kernels.route_prefix_kernel[(1,)](counts, cursor, *tables, P, nb_max, num_warps=8, **sizes)
+        kernels.route_scatter_kernel[grid](ids, lora, cursor, sorted_ids, P, num_experts, num_slots,
+                                           **common)
+    return Routing(sorted_ids, block_expert, block_m, nb_max, segments, num_segments, seg_max)

@@ -11,7 +11,7 @@ ENV = "RELAYOUT_RUNTIME_CONFIG"
 _DIR = Path(__file__).with_name("configs")
 GATE_UP_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
 DOWN_KEYS = ("BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
-SHRINK_KEYS = ("BLOCK_K", "SPLIT_K", "num_warps", "num_stages")
+SHRINK_KEYS = ("SPLIT_K", "num_warps", "num_stages")  # flat BLOCK_M/BLOCK_K name the GEMMs
 
 
 def default_config(num_tokens, num_experts, top_k):
@@ -27,7 +27,8 @@ def default_config(num_tokens, num_experts, top_k):
         gu = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4)
         dn = dict(BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4)
     split = 256 if rows <= 16 else 0  # decode: spread the shrink over K; 0 = whole K per program
-    return {"gate_up": gu, "down": dn, "shrink": dict(BLOCK_K=128, SPLIT_K=split, num_warps=4, num_stages=2)}
+    shrink = dict(BLOCK_M=16 if rows <= 16 else 32, BLOCK_K=128, SPLIT_K=split, num_warps=4, num_stages=2)
+    return {"gate_up": gu, "down": dn, "shrink": shrink}
 
 
 def shape_key(num_experts, hidden, inter, top_k, dtype_name):

@@ -11,6 +11,7 @@ import pytest  # noqa: E402
 
 from runtime import LoraSlots, moe_lora_forward, moe_reference  # noqa: E402
 from runtime.errors import DtypeError, ShapeError  # noqa: E402
+from runtime import routing  # noqa: E402
 from runtime.routing import route  # noqa: E402
 from runtime.testing import random_adapter, random_layer, random_routing  # noqa: E402
 
@@ -164,8 +165,23 @@ def test_pinned_config_gives_same_result(monkeypatch, pin):
     _close(out, moe_reference(x, w13, w2, ids, wts, adapters, tl_), 1e-4, 1e-4)
 
 
-def test_routing_sorts_by_expert_then_slot():
-    # each block holds one expert; within an expert rows are ordered by slot; every pair once
+def test_long_segments_and_many_runs(monkeypatch):
+    # 2 experts, 80 tokens: (expert, slot) segments longer than the shrink block (several
+    # chunks), GEMM blocks of 32 rows holding several adapter runs and adapter-less rows
+    T, H, I, E, k = 80, 32, 32, 2, 1
+    x, w13, w2, _, _, ids, wts, slots, adapters, _ = _case(T, H, I, E, k, torch.float32, S=2)
+    tl_ = torch.tensor([0] * 40 + [-1] * 10 + [1] * 30, dtype=torch.int32, device=DEV)
+    monkeypatch.setenv("RELAYOUT_RUNTIME_CONFIG", json.dumps(
+        {"BLOCK_M": 32, "shrink": {"BLOCK_M": 16, "BLOCK_K": 16, "SPLIT_K": 16}}))
+    out = moe_lora_forward(x, w13, w2, ids, wts, slots, tl_)
+    _close(out, moe_reference(x, w13, w2, ids, wts, adapters, tl_), 1e-4, 1e-4)
+
+
+@pytest.mark.parametrize("one_program", [True, False])
+def test_routing_sorts_by_expert_then_slot(monkeypatch, one_program):
+    # each block holds one expert; within an expert rows are ordered by slot; every pair once;
+    # both the one-program path (small P) and the histogram/prefix/scatter path
+    monkeypatch.setattr(routing, "SMALL_P", 10 ** 9 if one_program else 0)
     T, E, k, S, bm = 20, 6, 2, 3, 16
     ids, _ = random_routing(T, E, k, DEV, seed=9)
     tl_ = torch.tensor([t % (S + 1) - 1 for t in range(T)], dtype=torch.int32, device=DEV)
@@ -184,6 +200,19 @@ def test_routing_sorts_by_expert_then_slot():
         r = rows[blocks].flatten()
         slots = slot_of[(r[r < T * k] // k)].tolist()
         assert slots == sorted(slots)
+    segs = rt.segments.cpu()[: int(rt.num_segments)]
+    for e, s, first, n in segs.tolist():
+        r = rt.sorted_ids.cpu()[first:first + n]
+        assert (flat_ids[r] == e).all() and (slot_of[r // k] == s).all()
+    assert int(segs[:, 3].sum()) == int((slot_of >= 0).sum()) * k
+
+
+def test_multi_kernel_routing_forward(monkeypatch):
+    # the large-P routing path feeds the same forward
+    monkeypatch.setattr(routing, "SMALL_P", 0)
+    x, w13, w2, _, _, ids, wts, slots, adapters, tl_ = _case(12, 48, 40, 5, 2, torch.float32)
+    out = moe_lora_forward(x, w13, w2, ids, wts, slots, tl_)
+    _close(out, moe_reference(x, w13, w2, ids, wts, adapters, tl_), 1e-4, 1e-4)
 
 
 def test_input_errors():
