@@ -188,6 +188,18 @@ def _unit_config(adapter: Adapter, rule: Rule, layout: Layout, units, block_path
     return ranks, scales
 
 
+def _targeted_here(targets, block_path: str) -> set[str]:
+    """Parameter names target_parameters reaches in this block, by PEFT's match (equal, or suffix after a dot).
+
+    A list such as ["model.layers.0.mlp.experts.gate_up_proj", "mlp.experts.down_proj"] adapts gate_up in
+    layer 0 only; if no entry matches the block's path, every listed name counts (as before).
+    """
+    names = [str(t).rsplit(".", 1)[-1] for t in targets]
+    here = {n for t, n in zip(map(str, targets), names) if f"{block_path}.{n}" == t
+            or f"{block_path}.{n}".endswith(f".{t}")}
+    return here or set(names)
+
+
 def _layout_filter(rule: Rule, adapter: Adapter, layout: Layout, units, block_path: str, template: str,
                    forced: str | None) -> str | None:
     """Why a (layout, units) candidate is ruled out by the config, or None if it stays."""
@@ -198,7 +210,7 @@ def _layout_filter(rule: Rule, adapter: Adapter, layout: Layout, units, block_pa
     targets = adapter.config.get("target_parameters")
     nested = any("{nest}" in t.key for t in layout.tensors)
     if nested and targets:
-        names = {str(t).rsplit(".", 1)[-1] for t in targets}
+        names = _targeted_here(targets, block_path)
         if names != {rule.fused_param(u).name for u in units}:
             return "target_parameters"
     version = adapter.config.get("peft_version")
@@ -245,6 +257,8 @@ def detect_block(rule: Rule, adapter: Adapter, layer: int, block_path: str, keys
 
 
 def _pick(rule: Rule, adapter: Adapter, candidates: list[Block], prefix: str) -> Block:
+    if len(candidates) > 1:  # a blockdiag layout without gate_up (down only) is its plain twin: keep the plain name
+        candidates = [b for b in candidates if "blockdiag" not in b.plan.layout or any(op.diagonal for op in b.plan.ops)]
     if len(candidates) > 1:
         diag = [b for b in candidates if "blockdiag" in b.plan.layout]
         if diag and _is_block_diagonal(adapter, candidates[0].keys, diag[0].plan):
