@@ -162,8 +162,25 @@ def peft_config(adapter: Adapter, det: Detected, targets: list[TargetBlock], fmt
         config.pop("target_parameters", None)
     else:
         config["target_modules"] = keep or None
-        suffixes = {t.prefix.removeprefix(PEFT_PREFIX).split(f"layers.{t.block.layer}.")[-1].rstrip(".")
-                    for t in targets}
-        units = {u for t in targets for u in t.plan.units}
-        config["target_parameters"] = sorted(f"{s}.{rule.fused_param(u).name}" for s in suffixes for u in units)
+        config["target_parameters"] = _target_parameters(rule, targets)
     return config
+
+
+def _target_parameters(rule: Rule, targets: list[TargetBlock]) -> list[str]:
+    """PEFT target_parameters: 'mlp.experts.gate_up_proj' when every block has the unit, else one entry per block.
+
+    A name-wide entry makes PEFT wrap that parameter in every layer, so a unit only some blocks adapt (gate_up
+    in layer 0, down everywhere) is listed by full path, and PEFT creates no LoRA the file does not hold.
+    """
+    paths: dict[str, list[str]] = {}   # suffix (under layers.{l}.) -> full block paths
+    have: dict[tuple[str, str], list[str]] = {}
+    for t in targets:
+        path = t.prefix.removeprefix(PEFT_PREFIX).rstrip(".")
+        suffix = path.split(f"layers.{t.block.layer}.")[-1]
+        paths.setdefault(suffix, []).append(path)
+        for unit in t.plan.units:
+            have.setdefault((suffix, rule.fused_param(unit).name), []).append(path)
+    out = set()
+    for (suffix, name), where in have.items():
+        out.update([f"{suffix}.{name}"] if len(where) == len(paths[suffix]) else [f"{p}.{name}" for p in where])
+    return sorted(out)
