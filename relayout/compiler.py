@@ -208,11 +208,11 @@ def _compile(rule: Rule, layout_name: str, units: tuple[str, ...], shapes: tuple
     experts = count_experts(rule, layout, units, shapes)
     if experts is not None and dict(known).get("e", experts) != experts:
         raise RelayoutError(f"{where}: keys name {experts} experts under '{block}', the model has {dict(known)['e']}")
-    sizes = _bind(rule, layout, units, shapes, ranks, dict(known), block, where, experts)
     used = {k for t in layout.tensors if t.unit in units for k in render_keys(rule, t, units, experts)}
     extra = sorted(set(shapes) - used)
-    if extra:
+    if extra:  # before binding: an unconsumed key is the problem to name, not the sizes it leaves unknown
         raise RelayoutError(f"{where}: the rule does not account for tensor(s) " + ", ".join(f"'{block}{k}'" for k in extra))
+    sizes = _bind(rule, layout, units, shapes, ranks, dict(known), block, where, experts)
     declared = dict(rule.axes)
     ops = []
     for t in layout.tensors:
