@@ -27,6 +27,7 @@ R, ALPHA = 4, 8
 LAYERS = (0, 1)
 TOL = dict(rtol=1e-5, atol=1e-6)  # float32; deltas and outputs are O(1)
 FAMILIES = ["qwen3_moe", "gpt_oss", "mixtral", "llama4", "olmoe", "deepseek_v3"]
+ALL_FAMILIES = sorted(tm.FAMILIES)  # + qwen2_moe, glm4_moe, qwen3_next, qwen3_5_moe (model.language_model prefix)
 ATTN = {"deepseek_v3": "q_b_proj"}  # an attention nn.Linear each family has (default q_proj)
 ROLES = ("gate", "up", "down")
 # 3D adapter variants: which fused parameters PEFT targets, and whether an attention LoRA rides along
@@ -35,7 +36,7 @@ VARIANTS = {
     "down": (("down_proj",), False),
     "gate_up": (("gate_up_proj",), False),
 }
-CASES = [(f, "both+attn") for f in FAMILIES] + [(f, "down") for f in FAMILIES] + \
+CASES = [(f, "both+attn") for f in ALL_FAMILIES] + [(f, "down") for f in FAMILIES] + \
         [("qwen3_moe", "gate_up"), ("gpt_oss", "gate_up"), ("llama4", "gate_up")]
 
 
@@ -171,14 +172,14 @@ def test_peft_loads_peft3d_result_same_deltas_and_outputs(converted3d, model, ro
     _assert_outputs_equal(loaded, c.pm, model(family), routing)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", ALL_FAMILIES)
 def test_attention_lora_passes_through_and_peft_applies_it(converted3d, model, family):
     """The q_proj LoRA is copied bit-exactly into peft-2d, and the whole model (attention + experts) agrees."""
     c = converted3d(family, "both+attn")
     attn = ATTN.get(family, "q_proj")
     src, two = _tensors(c.src), _tensors(c.d2)
     passthrough = [k for k in src if f".{attn}.lora_" in k]
-    assert len(passthrough) == 2 * len(LAYERS)
+    assert len(passthrough) >= 2  # hybrid-attention families have q_proj in their full-attention layer only
     for key in passthrough:
         assert torch.equal(two[key], src[key]), key
     assert attn in _config(c.d2)["target_modules"]
@@ -205,7 +206,7 @@ def test_peft2d_per_expert_deltas_equal_peft(converted3d, family, variant):
     _assert_deltas_equal(deltas_from_2d(c.d2, family, c.roles), _peft_deltas(c.pm), c.roles)
 
 
-@pytest.mark.parametrize("family", sorted(set(FAMILIES) & tm.V4_CONVERTIBLE))
+@pytest.mark.parametrize("family", sorted(tm.V4_CONVERTIBLE))
 @pytest.mark.parametrize("variant", ["both+attn", "down"])
 def test_peft_loads_peft2d_result_via_its_4x_conversion(converted3d, model, routing, family, variant):
     """PEFT's own 4.x->5.x conversion of relayout's peft-2d output behaves like the original 3D adapter."""
