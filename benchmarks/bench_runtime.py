@@ -214,6 +214,7 @@ def run_sweep(w13, w2, lora, out_dir, log):
     data = json.loads(path.read_text()) if path.exists() else {}
     data[key] = table
     text = json.dumps(data, indent=1, sort_keys=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)  # the device copy of the tree uses it from here on
     (out_dir / "h200.json").write_text(text)
     tuning._table.cache_clear()
@@ -227,6 +228,8 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     ap.add_argument("--ts", default=",".join(map(str, TS)))
     ap.add_argument("--cases", default=";".join(f"{a}x{r}" for a, r in LORA_CASES))
+    ap.add_argument("--fuse-probe", action="store_true", help="time FUSE on/off at T <= 128")
+    ap.add_argument("--profile", default="", help="T values to profile per kernel, e.g. 1,128,8192")
     args = ap.parse_args()
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -251,6 +254,11 @@ def main():
         t0 = time.time()
         run_sweep(w13, w2, lora, out_dir, log)
         print(f"sweep took {time.time() - t0:.0f} s", flush=True)
+
+    if args.fuse_probe:
+        fuse_probe(w13, w2, lora, log)
+    for T in [int(t) for t in args.profile.split(",") if t]:
+        profile(T, w13, w2, lora, out_dir)
 
     rows = []
     for T in ts:
@@ -282,6 +290,40 @@ def main():
         device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
         copy_tbps=bw / 1e12, mm_tflops=rate / 1e12, rows=rows), indent=1))
     print_table(rows, cases, bw, rate)
+
+
+def fuse_probe(w13, w2, lora, log):
+    """Decode path choice: LoRA shrinks fused in the base K loops vs separate shrink kernels."""
+    for T in (1, 8, 32, 128):
+        x, ids, wts = make_inputs(T, seed=T)
+        base = time_ms(lambda: moe_lora_forward(x, w13, w2, ids, wts))
+        line = f"fuse-probe T={T} base {base:.4f}"
+        for n, rank in ((4, 16), (16, 64)):
+            slots, _, tl_ = lora(T, n, rank)
+            for fuse in (False, True):
+                os.environ[tuning.ENV] = json.dumps({"FUSE": fuse})
+                t = time_ms(lambda: moe_lora_forward(x, w13, w2, ids, wts, slots, tl_))
+                line += f" | {n}x r{rank} fuse={int(fuse)} {t:.4f} ({base / t:.2f})"
+        os.environ.pop(tuning.ENV, None)
+        log.write(line + "\n")
+        print(line, flush=True)
+
+
+def profile(T, w13, w2, lora, out_dir):
+    """Per-kernel device time of one eager forward (base, 4x r16, 16x r64), torch.profiler."""
+    x, ids, wts = make_inputs(T, seed=T)
+    for name, n, rank in (("base", 0, 0), ("4x16", 4, 16), ("16x64", 16, 64)):
+        args = (x, w13, w2, ids, wts) + ((lora(T, n, rank)[0], lora(T, n, rank)[2]) if n else ())
+        for _ in range(3):
+            moe_lora_forward(*args)
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                moe_lora_forward(*args)
+            torch.cuda.synchronize()
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=12)
+        (out_dir / f"profile_T{T}_{name}.txt").write_text(table)
+        print(f"profile T={T} {name} (5 calls)\n" + "\n".join(table.splitlines()[:14]), flush=True)
 
 
 def fmt_row(r, cases):

@@ -287,21 +287,39 @@ def lora_shrink_kernel(
 
 # ----------------------------------------------------------------------------- LoRA expand
 @triton.jit
-def _expand_run(acc, sh_ptrs, stride_k, scale, sel, on, b_base, n, n_ok, R, stride_bn,
-                KSPLIT: tl.constexpr, RP: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
-    """acc + (scale * sum of shrink partials[sel rows]) @ B[n]^T  -- B (N, R) of one (slot, expert).
+def _expand_reg(acc, v, sel, on, scale, b_base, n, n_ok, R, stride_bn,
+                RP: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """acc + (scale * v[sel rows]) @ B[n]^T  -- v (BLOCK_M, RP) shrink in registers, B (N, R).
 
     `on` (scalar) masks everything off when the slot lacks this projection: no bytes move.
     """
     r = tl.arange(0, RP)
     on_i = on.to(tl.int32)
-    rows_on = (sel & ((sel.to(tl.int32) * 0 + on_i) != 0))[:, None]
+    rows_on = sel & ((sel.to(tl.int32) * 0 + on_i) != 0)
+    v = tl.where(rows_on[:, None], v, 0.0) * scale
+    b = tl.load(b_base + n[None, :] * stride_bn + r[:, None],
+                mask=((r < R) & ((r * 0 + on_i) != 0))[:, None] & n_ok[None, :], other=0.0)
+    return _dot(v.to(b.dtype), b, acc, UPCAST, PREC)
+
+
+@triton.jit
+def _expand_run(acc, sh_ptrs, stride_k, scale, sel, on, b_base, n, n_ok, R, stride_bn,
+                KSPLIT: tl.constexpr, RP: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """_expand_reg on the sum of the shrink kernel's KSPLIT partials (KSPLIT, M_MAX, RP) of sel rows."""
+    rows_on = (sel & ((sel.to(tl.int32) * 0 + on.to(tl.int32)) != 0))[:, None]
     v = tl.load(sh_ptrs, mask=rows_on, other=0.0)
     for ks in range(1, KSPLIT):
         v += tl.load(sh_ptrs + ks * stride_k, mask=rows_on, other=0.0)
-    b = tl.load(b_base + n[None, :] * stride_bn + r[:, None],
-                mask=((r < R) & ((r * 0 + on_i) != 0))[:, None] & n_ok[None, :], other=0.0)
-    return _dot((v * scale).to(b.dtype), b, acc, UPCAST, PREC)
+    return _expand_reg(acc, v, sel, on, scale, b_base, n, n_ok, R, stride_bn, RP, UPCAST, PREC)
+
+
+@triton.jit
+def _run_slot(run, slot, j, present_ptr, PROJ: tl.constexpr):
+    """Rows of run j, its slot (0 when the block has no run j) and whether it adapts PROJ."""
+    sel = run == j
+    s = tl.maximum(tl.max(tl.where(sel, slot, -1), axis=0), 0)
+    on = (tl.max(sel.to(tl.int32), axis=0) > 0) & (tl.load(present_ptr + s * 3 + PROJ) != 0)
+    return sel, s, on
 
 
 # ----------------------------------------------------------------------------- activations
@@ -327,6 +345,8 @@ def gate_up_kernel(
     block_expert_ptr,  # (NB_MAX,) int32
     token_lora_ptr,  # (T,) int
     xa_ptr,  # (KSPLIT, M_MAX, 2 * RP) fp32 gate/up shrink partials of x
+    w1a_ptr,  # (S, E, R, H) gate lora_a (read only if FUSE)
+    w3a_ptr,  # (S, E, R, H) up lora_a (read only if FUSE)
     w1b_ptr,  # (S, E, I, R) gate lora_b
     w3b_ptr,  # (S, E, I, R) up lora_b
     scale_ptr,  # (S, 3) fp32
@@ -335,10 +355,11 @@ def gate_up_kernel(
     # sizes
     H, I, R, P, S, NB_MAX,
     # strides
-    stride_xt, stride_we, stride_wn, stride_be, stride_hm, stride_xak, stride_xam, stride_bs, stride_bse,
-    stride_bn,
+    stride_xt, stride_we, stride_wn, stride_be, stride_hm, stride_xak, stride_xam,
+    stride_as, stride_ae, stride_ar, stride_bs, stride_bse, stride_bn,
     # meta
-    KSPLIT: tl.constexpr, TOPK: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
+    KSPLIT: tl.constexpr, TOPK: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_LORA: tl.constexpr, FUSE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     RP: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
 ):
@@ -351,11 +372,25 @@ def gate_up_kernel(
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < I
     kk = tl.arange(0, BLOCK_K)
-    x_ptrs = x_ptr + tok.to(tl.int64)[:, None] * stride_xt + kk[None, :]
+    r = tl.arange(0, RP)
+    x_base = x_ptr + tok.to(tl.int64)[:, None] * stride_xt + kk[None, :]
+    x_ptrs = x_base
     wg_ptrs = w13_ptr + e.to(tl.int64) * stride_we + n[None, :] * stride_wn + kk[:, None]
     wu_ptrs = wg_ptrs + I * stride_wn
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    xa_g = tl.zeros((BLOCK_M, RP), tl.float32)
+    xa_u = tl.zeros((BLOCK_M, RP), tl.float32)
+    if FUSE:  # decode: the first adapter run's shrink rides along the base K loop
+        run, nruns = _block_runs(sorted_ids_ptr, token_lora_ptr, rows, slot, pid_m, P, S, TOPK, BLOCK_M)
+        sel0, s0, g_on = _run_slot(run, slot, 0, present_ptr, 0)
+        sel0, s0, u_on = _run_slot(run, slot, 0, present_ptr, 1)
+        sh0 = tl.load(shared_ptr + s0) != 0
+        a_off = s0.to(tl.int64) * stride_as + e.to(tl.int64) * stride_ae + r[None, :] * stride_ar + kk[:, None]
+        ag_ptrs = w1a_ptr + a_off
+        au_ptrs = w3a_ptr + a_off
+        ag_on = ((r < R) & ((r * 0 + g_on.to(tl.int32)) != 0))[None, :]
+        au_on = ((r < R) & ((r * 0 + (u_on & (sh0 == 0)).to(tl.int32)) != 0))[None, :]
     for k0 in range(0, H, BLOCK_K):
         if EVEN_K:
             xv = tl.load(x_ptrs, mask=valid[:, None], other=0.0)
@@ -368,6 +403,17 @@ def gate_up_kernel(
             wu = tl.load(wu_ptrs, mask=n_ok[None, :] & kin[:, None], other=0.0)
         acc_g = _dot(xv, wg, acc_g, UPCAST, PREC)
         acc_u = _dot(xv, wu, acc_u, UPCAST, PREC)
+        if FUSE:
+            if EVEN_K:
+                ag = tl.load(ag_ptrs, mask=ag_on, other=0.0)
+                au = tl.load(au_ptrs, mask=au_on, other=0.0)
+            else:
+                ag = tl.load(ag_ptrs, mask=ag_on & kin[:, None], other=0.0)
+                au = tl.load(au_ptrs, mask=au_on & kin[:, None], other=0.0)
+            xa_g = _dot(xv, ag, xa_g, UPCAST, PREC)
+            xa_u = _dot(xv, au, xa_u, UPCAST, PREC)
+            ag_ptrs += BLOCK_K
+            au_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
         wg_ptrs += BLOCK_K
         wu_ptrs += BLOCK_K
@@ -375,20 +421,35 @@ def gate_up_kernel(
         b_ptrs = b13_ptr + e.to(tl.int64) * stride_be + n
         acc_g += tl.load(b_ptrs, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         acc_u += tl.load(b_ptrs + I, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    if HAS_LORA:
+    if FUSE:
+        bs = s0.to(tl.int64) * stride_bs + e.to(tl.int64) * stride_bse
+        acc_g = _expand_reg(acc_g, xa_g, sel0, g_on, tl.load(scale_ptr + s0 * 3), w1b_ptr + bs,
+                            n, n_ok, R, stride_bn, RP, UPCAST, PREC)
+        acc_u = _expand_reg(acc_u, tl.where(sh0, xa_g, xa_u), sel0, u_on, tl.load(scale_ptr + s0 * 3 + 1),
+                            w3b_ptr + bs, n, n_ok, R, stride_bn, RP, UPCAST, PREC)
+        for j in range(1, nruns):  # further runs (rare at decode): shrink again from x
+            sel, s, g_on = _run_slot(run, slot, j, present_ptr, 0)
+            sel, s, u_on = _run_slot(run, slot, j, present_ptr, 1)
+            a_off = s.to(tl.int64) * stride_as + e.to(tl.int64) * stride_ae + r[None, :] * stride_ar + kk[:, None]
+            xg, xu = _shrink_run(x_base, w1a_ptr + a_off, sel, 0, H, R, w3a_ptr + a_off, True,
+                                 BLOCK_M, BLOCK_K, RP, EVEN_K, UPCAST, PREC)
+            bs = s.to(tl.int64) * stride_bs + e.to(tl.int64) * stride_bse
+            acc_g = _expand_reg(acc_g, xg, sel, g_on, tl.load(scale_ptr + s * 3), w1b_ptr + bs,
+                                n, n_ok, R, stride_bn, RP, UPCAST, PREC)
+            acc_u = _expand_reg(acc_u, xu, sel, u_on, tl.load(scale_ptr + s * 3 + 1), w3b_ptr + bs,
+                                n, n_ok, R, stride_bn, RP, UPCAST, PREC)
+    elif HAS_LORA:
         run, nruns = _block_runs(sorted_ids_ptr, token_lora_ptr, rows, slot, pid_m, P, S, TOPK, BLOCK_M)
-        xa_ptrs = xa_ptr + rows[:, None] * stride_xam + tl.arange(0, RP)[None, :]
+        xa_ptrs = xa_ptr + rows[:, None] * stride_xam + r[None, :]
         for j in range(nruns):
-            sel = run == j
-            s = tl.max(tl.where(sel, slot, -1), axis=0)
+            sel, s, g_on = _run_slot(run, slot, j, present_ptr, 0)
+            sel, s, u_on = _run_slot(run, slot, j, present_ptr, 1)
             bs = s.to(tl.int64) * stride_bs + e.to(tl.int64) * stride_bse
             up_col = RP * (1 - tl.load(shared_ptr + s))
-            acc_g = _expand_run(acc_g, xa_ptrs, stride_xak, tl.load(scale_ptr + s * 3), sel,
-                                tl.load(present_ptr + s * 3) != 0, w1b_ptr + bs, n, n_ok, R, stride_bn,
-                                KSPLIT, RP, UPCAST, PREC)
-            acc_u = _expand_run(acc_u, xa_ptrs + up_col, stride_xak, tl.load(scale_ptr + s * 3 + 1), sel,
-                                tl.load(present_ptr + s * 3 + 1) != 0, w3b_ptr + bs, n, n_ok, R, stride_bn,
-                                KSPLIT, RP, UPCAST, PREC)
+            acc_g = _expand_run(acc_g, xa_ptrs, stride_xak, tl.load(scale_ptr + s * 3), sel, g_on,
+                                w1b_ptr + bs, n, n_ok, R, stride_bn, KSPLIT, RP, UPCAST, PREC)
+            acc_u = _expand_run(acc_u, xa_ptrs + up_col, stride_xak, tl.load(scale_ptr + s * 3 + 1), sel, u_on,
+                                w3b_ptr + bs, n, n_ok, R, stride_bn, KSPLIT, RP, UPCAST, PREC)
     hv = _activate(acc_g, acc_u, ACT)
     h_ptrs = h_ptr + rows.to(tl.int64)[:, None] * stride_hm + n[None, :]
     tl.store(h_ptrs, hv.to(h_ptr.dtype.element_ty), mask=n_ok[None, :])
@@ -407,16 +468,18 @@ def down_kernel(
     block_expert_ptr,  # (NB_MAX,) int32
     token_lora_ptr,  # (T,) int
     ha_ptr,  # (KSPLIT, M_MAX, RP) fp32 down shrink partials of h
+    w2a_ptr,  # (S, E, R, I) down lora_a (read only if FUSE)
     w2b_ptr,  # (S, E, H, R) down lora_b
     scale_ptr,  # (S, 3) fp32
     present_ptr,  # (S, 3) int32
     # sizes
     H, I, R, P, S, NB_MAX,
     # strides
-    stride_hm, stride_we, stride_wn, stride_be, stride_ym, stride_hak, stride_ham, stride_bs, stride_bse,
-    stride_bn,
+    stride_hm, stride_we, stride_wn, stride_be, stride_ym, stride_hak, stride_ham,
+    stride_as, stride_ae, stride_ar, stride_bs, stride_bse, stride_bn,
     # meta
     KSPLIT: tl.constexpr, TOPK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
+    FUSE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     RP: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
 ):
@@ -429,9 +492,18 @@ def down_kernel(
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < H
     kk = tl.arange(0, BLOCK_K)
-    h_ptrs = h_ptr + rows.to(tl.int64)[:, None] * stride_hm + kk[None, :]
+    r = tl.arange(0, RP)
+    h_base = h_ptr + rows.to(tl.int64)[:, None] * stride_hm + kk[None, :]
+    h_ptrs = h_base
     w_ptrs = w2_ptr + e.to(tl.int64) * stride_we + n[None, :] * stride_wn + kk[:, None]
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    ha = tl.zeros((BLOCK_M, RP), tl.float32)
+    if FUSE:  # decode: the first adapter run's shrink rides along the base K loop
+        run, nruns = _block_runs(sorted_ids_ptr, token_lora_ptr, rows, slot, pid_m, P, S, TOPK, BLOCK_M)
+        sel0, s0, d_on = _run_slot(run, slot, 0, present_ptr, 2)
+        a_off = s0.to(tl.int64) * stride_as + e.to(tl.int64) * stride_ae + r[None, :] * stride_ar + kk[:, None]
+        a_ptrs = w2a_ptr + a_off
+        a_on = ((r < R) & ((r * 0 + d_on.to(tl.int32)) != 0))[None, :]
     for k0 in range(0, I, BLOCK_K):
         if EVEN_K:
             hv = tl.load(h_ptrs, mask=valid[:, None], other=0.0)
@@ -441,18 +513,35 @@ def down_kernel(
             hv = tl.load(h_ptrs, mask=valid[:, None] & kin[None, :], other=0.0)
             w = tl.load(w_ptrs, mask=n_ok[None, :] & kin[:, None], other=0.0)
         acc = _dot(hv, w, acc, UPCAST, PREC)
+        if FUSE:
+            if EVEN_K:
+                a = tl.load(a_ptrs, mask=a_on, other=0.0)
+            else:
+                a = tl.load(a_ptrs, mask=a_on & kin[:, None], other=0.0)
+            ha = _dot(hv, a, ha, UPCAST, PREC)
+            a_ptrs += BLOCK_K
         h_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
-    if HAS_LORA:
-        run, nruns = _block_runs(sorted_ids_ptr, token_lora_ptr, rows, slot, pid_m, P, S, TOPK, BLOCK_M)
-        ha_ptrs = ha_ptr + rows[:, None] * stride_ham + tl.arange(0, RP)[None, :]
-        for j in range(nruns):
-            sel = run == j
-            s = tl.max(tl.where(sel, slot, -1), axis=0)
+    if FUSE:
+        bs = s0.to(tl.int64) * stride_bs + e.to(tl.int64) * stride_bse
+        acc = _expand_reg(acc, ha, sel0, d_on, tl.load(scale_ptr + s0 * 3 + 2), w2b_ptr + bs,
+                          n, n_ok, R, stride_bn, RP, UPCAST, PREC)
+        for j in range(1, nruns):  # further runs (rare at decode): shrink again from h
+            sel, s, d_on = _run_slot(run, slot, j, present_ptr, 2)
+            a_off = s.to(tl.int64) * stride_as + e.to(tl.int64) * stride_ae + r[None, :] * stride_ar + kk[:, None]
+            hs, unused = _shrink_run(h_base, w2a_ptr + a_off, sel, 0, I, R, w2a_ptr + a_off, False,
+                                     BLOCK_M, BLOCK_K, RP, EVEN_K, UPCAST, PREC)
             bs = s.to(tl.int64) * stride_bs + e.to(tl.int64) * stride_bse
-            acc = _expand_run(acc, ha_ptrs, stride_hak, tl.load(scale_ptr + s * 3 + 2), sel,
-                              tl.load(present_ptr + s * 3 + 2) != 0, w2b_ptr + bs, n, n_ok, R, stride_bn,
-                              KSPLIT, RP, UPCAST, PREC)
+            acc = _expand_reg(acc, hs, sel, d_on, tl.load(scale_ptr + s * 3 + 2), w2b_ptr + bs,
+                              n, n_ok, R, stride_bn, RP, UPCAST, PREC)
+    elif HAS_LORA:
+        run, nruns = _block_runs(sorted_ids_ptr, token_lora_ptr, rows, slot, pid_m, P, S, TOPK, BLOCK_M)
+        ha_ptrs = ha_ptr + rows[:, None] * stride_ham + r[None, :]
+        for j in range(nruns):
+            sel, s, d_on = _run_slot(run, slot, j, present_ptr, 2)
+            bs = s.to(tl.int64) * stride_bs + e.to(tl.int64) * stride_bse
+            acc = _expand_run(acc, ha_ptrs, stride_hak, tl.load(scale_ptr + s * 3 + 2), sel, d_on,
+                              w2b_ptr + bs, n, n_ok, R, stride_bn, KSPLIT, RP, UPCAST, PREC)
     if HAS_BIAS:
         acc += tl.load(b2_ptr + e.to(tl.int64) * stride_be + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     wt = tl.load(topk_w_ptr + ids, mask=valid, other=0.0).to(tl.float32)

@@ -117,40 +117,48 @@ def moe_lora_forward(x, w13, w2, topk_ids, topk_weights, slots=None, token_lora=
     if T == 0:
         return out
     cfg = tuning.get_config(T, E, H, I, k, str(x.dtype).removeprefix("torch."), _device_name(x))
+    if x.dtype == torch.float32:
+        cfg = tuning.fit_fp32(cfg)
     _launch(x, w13, w2, topk_ids, topk_weights, slots, token_lora, ACTIVATIONS[activation],
             w13_bias, w2_bias, cfg, out)
     return out
 
 
 def _launch(x, w13, w2, topk_ids, topk_weights, slots, token_lora, act, w13_bias, w2_bias, cfg, out):
-    """Route, run the four kernels, reduce over k into `out` (T, H)."""
+    """Route, run the kernels, reduce over k into `out` (T, H).
+
+    cfg["FUSE"] (decode): the LoRA shrinks ride along the base K loops, no shrink kernels.
+    """
     T, H = x.shape
     E, I, k = w13.shape[0], w2.shape[2], topk_ids.shape[1]
     has_lora = slots is not None
-    S = slots.num_slots if has_lora else 0
+    fuse = has_lora and bool(cfg.get("FUSE", False))
     bm = cfg["gate_up"]["BLOCK_M"]
-    rt = route(topk_ids, token_lora if has_lora else None, E, S, bm)
+    rt = route(topk_ids, token_lora if has_lora else None, E, slots.num_slots if has_lora else 0, bm)
     meta = _meta(x, slots)
-    m_max = rt.num_blocks_max * bm
-    h = torch.empty(m_max, I, dtype=x.dtype, device=x.device)
+    lora = _lora_args(slots, token_lora, x)
+    h = torch.empty(rt.num_blocks_max * bm, I, dtype=x.dtype, device=x.device)
     y = torch.empty(T * k, H, dtype=x.dtype, device=x.device)
     xa = ha = None
-    if has_lora:
+    if has_lora and not fuse:
         xa = _shrink(x, slots.w1_a, slots.w3_a, rt, slots, k, True, cfg["shrink"], meta)
-    _gate_up(x, w13, w13_bias, h, rt, slots, token_lora, xa, act, k, cfg["gate_up"], meta)
-    if has_lora:
+    _gate_up(x, w13, w13_bias, h, rt, lora, xa, act, k, fuse, cfg["gate_up"], meta)
+    if has_lora and not fuse:
         ha = _shrink(h, slots.w2_a, slots.w2_a, rt, slots, k, False, cfg["shrink"], meta)
-    _down(h, w2, w2_bias, y, topk_weights.reshape(-1), rt, slots, token_lora, ha, k, cfg["down"], meta)
+    _down(h, w2, w2_bias, y, topk_weights.reshape(-1), rt, lora, ha, k, fuse, cfg["down"], meta)
     torch.sum(y.view(T, k, H), dim=1, out=out)
 
 
 def _lora_args(slots, token_lora, x):
-    """Slot tensors for a launch; dummies (never read) when there is no adapter."""
+    """Slot tensors and sizes for the GEMM launches; dummies (never read) without adapters."""
     if slots is None:
-        d = x.new_empty(1)
-        return d, d, d, d, d, d, torch.zeros(1, 3, dtype=torch.int32, device=x.device), d
-    return (token_lora, slots.w1_b, slots.w3_b, slots.w2_b, slots.scaling, slots.present,
-            slots.shared_a, slots.w2_a)
+        d = x.new_empty(1, 1, 1, 1)
+        z = torch.zeros(1, 3, dtype=torch.int32, device=x.device)
+        return dict(token_lora=d, w1_a=d, w3_a=d, w2_a=d, w1_b=d, w3_b=d, w2_b=d, scaling=d,
+                    present=z, shared_a=z, R=1, S=0)
+    return dict(token_lora=token_lora, w1_a=slots.w1_a, w3_a=slots.w3_a, w2_a=slots.w2_a,
+                w1_b=slots.w1_b, w3_b=slots.w3_b, w2_b=slots.w2_b, scaling=slots.scaling,
+                present=slots.present, shared_a=slots.shared_a, R=slots.max_rank, S=slots.num_slots)
 
 
 def _split(D, cfg):
@@ -178,46 +186,43 @@ def _shrink(src, a0, a1, rt, slots, k, pair, cfg, meta):
         src, a0, a1, out, rt.sorted_ids, rt.segments, rt.num_segments, slots.present, slots.shared_a,
         D, slots.max_rank,
         src.stride(0), a0.stride(0), a0.stride(1), a0.stride(2), out.stride(0), out.stride(1),
-        PAIR=pair, GATHER=pair, TOPK=k, SPLIT_K=split, EVEN_K=D % cfg["BLOCK_K"] == 0 and split % cfg["BLOCK_K"] == 0,
-        **meta, **cfg)
+        PAIR=pair, GATHER=pair, TOPK=k, SPLIT_K=split,
+        EVEN_K=D % cfg["BLOCK_K"] == 0 and split % cfg["BLOCK_K"] == 0, **meta, **cfg)
     return out
 
 
-def _gate_up(x, w13, bias, h, rt, slots, token_lora, xa, act, k, cfg, meta):
+def _gate_up(x, w13, bias, h, rt, lora, xa, act, k, fuse, cfg, meta):
     """h (M_MAX, I) = act(x W1^T + dW1, x W3^T + dW3) per sorted row."""
     T, H = x.shape
-    E, I = w13.shape[0], w13.shape[1] // 2
-    tl_, w1b, w3b, _, scale, present, shared, _ = _lora_args(slots, token_lora, x)
+    I = w13.shape[1] // 2
     xa = xa if xa is not None else x.new_empty(1, 1, 1, dtype=torch.float32)
     b = bias if bias is not None else x.new_empty(1, 1)
-    R = slots.max_rank if slots is not None else 1
-    S = slots.num_slots if slots is not None else 0
+    a, bb = lora["w1_a"], lora["w1_b"]
     cfg = dict(cfg)
     bm = cfg.pop("BLOCK_M")
     grid = (rt.num_blocks_max * triton.cdiv(I, cfg["BLOCK_N"]),)
     kernels.gate_up_kernel[grid](
-        x, w13, b, h, rt.sorted_ids, rt.block_expert, tl_, xa, w1b, w3b, scale, present, shared,
-        H, I, R, T * k, S, rt.num_blocks_max,
+        x, w13, b, h, rt.sorted_ids, rt.block_expert, lora["token_lora"], xa, lora["w1_a"], lora["w3_a"],
+        lora["w1_b"], lora["w3_b"], lora["scaling"], lora["present"], lora["shared_a"],
+        H, I, lora["R"], T * k, lora["S"], rt.num_blocks_max,
         x.stride(0), w13.stride(0), w13.stride(1), b.stride(0), h.stride(0), xa.stride(0), xa.stride(1),
-        w1b.stride(0) if slots else 0, w1b.stride(1) if slots else 0, w1b.stride(2) if slots else 0,
-        KSPLIT=xa.shape[0], TOPK=k, ACT=act, HAS_BIAS=bias is not None, HAS_LORA=slots is not None, BLOCK_M=bm,
-        EVEN_K=H % cfg["BLOCK_K"] == 0, **meta, **cfg)
+        a.stride(0), a.stride(1), a.stride(2), bb.stride(0), bb.stride(1), bb.stride(2),
+        KSPLIT=xa.shape[0], TOPK=k, ACT=act, HAS_BIAS=bias is not None, HAS_LORA=lora["S"] > 0,
+        FUSE=fuse, BLOCK_M=bm, EVEN_K=H % cfg["BLOCK_K"] == 0, **meta, **cfg)
 
 
-def _down(h, w2, bias, y, topk_w, rt, slots, token_lora, ha, k, cfg, meta):
+def _down(h, w2, bias, y, topk_w, rt, lora, ha, k, fuse, cfg, meta):
     """y (P, H) = topk_weight * (h W2^T + dW2 + b2) per pair."""
     E, H, I = w2.shape
-    tl_, _, _, w2b, scale, present, _, _ = _lora_args(slots, token_lora, h)
     ha = ha if ha is not None else h.new_empty(1, 1, 1, dtype=torch.float32)
     b = bias if bias is not None else h.new_empty(1, 1)
-    R = slots.max_rank if slots is not None else 1
-    S = slots.num_slots if slots is not None else 0
+    a, bb = lora["w2_a"], lora["w2_b"]
     grid = (rt.num_blocks_max * triton.cdiv(H, cfg["BLOCK_N"]),)
     kernels.down_kernel[grid](
-        h, w2, b, y, topk_w, rt.sorted_ids, rt.block_expert, tl_, ha, w2b, scale, present,
-        H, I, R, y.shape[0], S, rt.num_blocks_max,
+        h, w2, b, y, topk_w, rt.sorted_ids, rt.block_expert, lora["token_lora"], ha, lora["w2_a"],
+        lora["w2_b"], lora["scaling"], lora["present"],
+        H, I, lora["R"], y.shape[0], lora["S"], rt.num_blocks_max,
         h.stride(0), w2.stride(0), w2.stride(1), b.stride(0), y.stride(0), ha.stride(0), ha.stride(1),
-        w2b.stride(0) if slots else 0, w2b.stride(1) if slots else 0, w2b.stride(2) if slots else 0,
-        KSPLIT=ha.shape[0], TOPK=k, HAS_BIAS=bias is not None, HAS_LORA=slots is not None,
-        BLOCK_M=rt.block_m,
-        EVEN_K=I % cfg["BLOCK_K"] == 0, **meta, **cfg)
+        a.stride(0), a.stride(1), a.stride(2), bb.stride(0), bb.stride(1), bb.stride(2),
+        KSPLIT=ha.shape[0], TOPK=k, HAS_BIAS=bias is not None, HAS_LORA=lora["S"] > 0, FUSE=fuse,
+        BLOCK_M=rt.block_m, EVEN_K=I % cfg["BLOCK_K"] == 0, **meta, **cfg)

@@ -28,7 +28,8 @@ def default_config(num_tokens, num_experts, top_k):
         dn = dict(BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4)
     split = 256 if rows <= 16 else 0  # decode: spread the shrink over K; 0 = whole K per program
     shrink = dict(BLOCK_M=16 if rows <= 16 else 32, BLOCK_K=128, SPLIT_K=split, num_warps=4, num_stages=2)
-    return {"gate_up": gu, "down": dn, "shrink": shrink}
+    # FUSE: shrinks inside the base K loops (no shrink launches) while blocks hold ~1 adapter run
+    return {"gate_up": gu, "down": dn, "shrink": shrink, "FUSE": rows <= 1}
 
 
 def shape_key(num_experts, hidden, inter, top_k, dtype_name):
@@ -45,7 +46,9 @@ def _table(device_name):
 
 def _merge(base, override):
     """Flat keys apply to every kernel they name; nested 'gate_up'/'down'/'shrink' win."""
-    out = {kern: dict(cfg) for kern, cfg in base.items()}
+    out = {kern: (dict(cfg) if isinstance(cfg, dict) else cfg) for kern, cfg in base.items()}
+    if "FUSE" in override:
+        out["FUSE"] = bool(override["FUSE"])
     for kern, keys in (("gate_up", GATE_UP_KEYS), ("down", DOWN_KEYS), ("shrink", SHRINK_KEYS)):
         out[kern].update({k: v for k, v in override.items() if k in keys})
         out[kern].update(override.get(kern, {}))
@@ -66,3 +69,14 @@ def get_config(num_tokens, num_experts, hidden, inter, top_k, dtype_name, device
         except (json.JSONDecodeError, AttributeError) as exc:
             raise MoeLoraError(f"{ENV}={pin!r} is not a JSON object of config keys ({exc})") from None
     return cfg
+
+
+def fit_fp32(cfg):
+    """fp32 tiles take twice the shared memory of bf16 ones: halve BLOCK_K, at most 3 stages."""
+    out = dict(cfg)
+    for kern in ("gate_up", "down", "shrink"):
+        c = dict(cfg[kern])
+        c["BLOCK_K"] = max(16, min(c["BLOCK_K"], 64))
+        c["num_stages"] = min(c.get("num_stages", 3), 3)
+        out[kern] = c
+    return out
