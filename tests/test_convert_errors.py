@@ -126,6 +126,22 @@ def _config(**changes):
     return lambda folder: edit_config(folder, **changes)
 
 
+def _shard(missing=False, duplicate=False, bad_index=False):
+    """Split the weights into two shards + index; optionally lose a shard, repeat a key, or break the index."""
+    def mutate(folder):
+        sd = load_file(str(folder / WEIGHTS))
+        (folder / WEIGHTS).unlink()
+        keys = sorted(sd)
+        parts = {"a.safetensors": keys[::2], "b.safetensors": keys[1::2] + (keys[:1] if duplicate else [])}
+        for name, part in parts.items():
+            save_file({k: sd[k] for k in part}, str(folder / name))
+        index = {"weight_map": {k: name for name, part in parts.items() for k in part}}
+        (folder / (WEIGHTS + ".index.json")).write_text("[]" if bad_index else json.dumps(index))
+        if missing:
+            (folder / "b.safetensors").unlink()
+    return mutate
+
+
 MODEL_CONFIG = object()  # placeholder in argv for the model's config.json
 
 # (id, source adapter, mutation, extra argv, message regex)
@@ -171,6 +187,10 @@ CASES = [
     ("config-not-json", "3d", lambda f: (f / "adapter_config.json").write_text("{r: 4"), [],
      r"adapter_config\.json: not valid JSON"),
     ("no-weights", "3d", lambda f: (f / WEIGHTS).unlink(), [], r"no adapter_model\.safetensors"),
+    ("shard-missing", "3d", _shard(missing=True), [], r"index\.json: shard\(s\) missing: .*b\.safetensors"),
+    ("shard-duplicate-key", "3d", _shard(duplicate=True), [], r"[ab]\.safetensors: tensor 'base_model\.model\.model\.layers\.0\.mlp\.experts\.base_layer\.lora_A\.weight' "
+     r"also appears in .*[ab]\.safetensors"),
+    ("shard-index-broken", "3d", _shard(bad_index=True), [], r"index\.json: not a safetensors index"),
 ]
 
 

@@ -393,3 +393,43 @@ def test_progress_bar_only_when_asked(converted3d, tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"{len(LAYERS)}/{len(LAYERS)}" in err and "#" in err and err.endswith("\n")
     assert _tensors(tmp_path / "bar").keys() == _tensors(tmp_path / "quiet").keys()
+
+
+def test_cli_without_terminal_prints_no_bar_and_leaves_input_unchanged(converted3d, tmp_path, capsys):
+    c = converted3d("gpt_oss", "both+attn")
+    before = {p.name: p.read_bytes() for p in c.src.iterdir()}
+    for fmt in ("peft-2d", "peft-3d", "normalized"):
+        assert main(["convert", str(c.src), str(tmp_path / fmt), "--to", fmt, "--arch", "gpt_oss"]) == 0
+        captured = capsys.readouterr()
+        assert captured.err == "" and captured.out == f"ok -- wrote {fmt} adapter to {tmp_path / fmt}\n"
+    assert {p.name: p.read_bytes() for p in c.src.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["normalized", "peft-2d", "peft-3d"]
+
+
+# ---------------------------------------------------------------- sharded input, output dtype
+
+def test_sharded_input_converts_like_the_single_file(converted3d, tmp_path):
+    c = converted3d("mixtral", "both+attn")
+    sd = _tensors(c.src)
+    keys = sorted(sd)
+    folder = tmp_path / "sharded"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text((c.src / "adapter_config.json").read_text())
+    shards = {"adapter_model-00001-of-00002.safetensors": keys[::2], "adapter_model-00002-of-00002.safetensors": keys[1::2]}
+    for name, part in shards.items():
+        save_file({k: sd[k] for k in part}, str(folder / name))
+    index = {"metadata": {}, "weight_map": {k: name for name, part in shards.items() for k in part}}
+    (folder / "adapter_model.safetensors.index.json").write_text(json.dumps(index))
+    relayout.convert(folder, tmp_path / "2d", to="peft-2d", arch="mixtral")
+    want, got = _tensors(c.d2), _tensors(tmp_path / "2d")
+    assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_output_dtype_bfloat16(converted3d, tmp_path):
+    c = converted3d("llama4", "both+attn")
+    assert main(["convert", str(c.src), str(tmp_path / "bf16"), "--to", "peft-2d", "--arch", "llama4",
+                 "--dtype", "bfloat16", "-q"]) == 0
+    want, got = _tensors(c.d2), _tensors(tmp_path / "bf16")
+    assert sorted(got) == sorted(want)
+    for key in want:  # relayout only moves elements: casting before or after is the same
+        assert got[key].dtype == torch.bfloat16 and torch.equal(got[key], want[key].bfloat16()), key
