@@ -229,6 +229,7 @@ def main():
     ap.add_argument("--ts", default=",".join(map(str, TS)))
     ap.add_argument("--cases", default=";".join(f"{a}x{r}" for a, r in LORA_CASES))
     ap.add_argument("--fuse-probe", action="store_true", help="time FUSE on/off at T <= 128")
+    ap.add_argument("--probe", action="store_true", help="time alternative BLOCK_M / routing paths")
     ap.add_argument("--profile", default="", help="T values to profile per kernel, e.g. 1,128,8192")
     args = ap.parse_args()
     out_dir = Path(args.out)
@@ -257,6 +258,8 @@ def main():
 
     if args.fuse_probe:
         fuse_probe(w13, w2, lora, log)
+    if args.probe:
+        probe(w13, w2, lora, log)
     for T in [int(t) for t in args.profile.split(",") if t]:
         profile(T, w13, w2, lora, out_dir)
 
@@ -305,6 +308,36 @@ def fuse_probe(w13, w2, lora, log):
                 t = time_ms(lambda: moe_lora_forward(x, w13, w2, ids, wts, slots, tl_))
                 line += f" | {n}x r{rank} fuse={int(fuse)} {t:.4f} ({base / t:.2f})"
         os.environ.pop(tuning.ENV, None)
+        log.write(line + "\n")
+        print(line, flush=True)
+
+
+def probe(w13, w2, lora, log):
+    """Half the tuned BLOCK_M for LoRA at large T; one-program vs multi-kernel routing at small T."""
+    from runtime import routing
+    for T in (512, 2048, 8192):
+        x, ids, wts = make_inputs(T, seed=T)
+        bm = tuning.get_config(T, E, H, I, K, "bfloat16", torch.cuda.get_device_name())["gate_up"]["BLOCK_M"]
+        line = f"probe T={T}"
+        for n, rank in ((4, 16), (16, 64)):
+            slots, _, tl_ = lora(T, n, rank)
+            for pin in ({}, {"BLOCK_M": bm // 2}):
+                os.environ[tuning.ENV] = json.dumps(pin)
+                t = time_ms(lambda: moe_lora_forward(x, w13, w2, ids, wts, slots, tl_))
+                line += f" | {n}x r{rank} BM={pin.get('BLOCK_M', bm)} {t:.4f}"
+        os.environ.pop(tuning.ENV, None)
+        log.write(line + "\n")
+        print(line, flush=True)
+    for T in (8, 32, 128, 256):
+        x, ids, wts = make_inputs(T, seed=T)
+        slots, _, tl_ = lora(T, 4, 16)
+        line = f"probe routing T={T}"
+        for small in (True, False):
+            routing.SMALL_P = 10 ** 9 if small else 0
+            tb = time_ms(lambda: moe_lora_forward(x, w13, w2, ids, wts))
+            tl4 = time_ms(lambda: moe_lora_forward(x, w13, w2, ids, wts, slots, tl_))
+            line += f" | one_program={int(small)} base {tb:.4f} 4x r16 {tl4:.4f}"
+        routing.SMALL_P = 2048
         log.write(line + "\n")
         print(line, flush=True)
 

@@ -225,7 +225,7 @@ def lora_shrink_kernel(
     in_ptr,  # (T, D) x gathered by token (GATHER) | (M_MAX, D) h by sorted row
     a0_ptr,  # (S, E, R, D) lora_a: w1 (PAIR) or w2
     a1_ptr,  # (S, E, R, D) lora_a: w3 (read only if PAIR)
-    out_ptr,  # (KSPLIT, M_MAX, NCOL * RP) fp32 out: partial shrink per K split, cols gate|up or down
+    out_ptr,  # (M_MAX, >= 2 * RP) fp32, zeroed: += shrink of each K split (atomics), cols gate|up
     sorted_ids_ptr,  # (M_MAX,) int32
     seg_ptr,  # (SEG_MAX, 4) int32 (expert, slot, first row, rows) per adapter segment
     nseg_ptr,  # (1,) int32
@@ -241,6 +241,7 @@ def lora_shrink_kernel(
     EVEN_K: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
 ):
     """One program per (expert, slot) segment and K split: every row it reads uses one A."""
+    # stride_ok is 0: all K splits add into the same rows
     pid = tl.program_id(0)
     ks = tl.program_id(1)
     if pid >= tl.load(nseg_ptr):
@@ -273,16 +274,16 @@ def lora_shrink_kernel(
             if p0 & p1:
                 acc, acc2 = _shrink_run(in_ptrs, a0_ptrs, sel, k_lo, k_hi, R, a1_ptrs, True,
                                         BLOCK_M, BLOCK_K, RP, EVEN_K, UPCAST, PREC)
-                tl.store(out_ptrs, acc, mask=sel[:, None])
-                tl.store(out_ptrs + RP, acc2, mask=sel[:, None])
+                tl.atomic_add(out_ptrs, acc, mask=sel[:, None])
+                tl.atomic_add(out_ptrs + RP, acc2, mask=sel[:, None])
             elif p0:
                 acc, acc2 = _shrink_run(in_ptrs, a0_ptrs, sel, k_lo, k_hi, R, a0_ptrs, False,
                                         BLOCK_M, BLOCK_K, RP, EVEN_K, UPCAST, PREC)
-                tl.store(out_ptrs, acc, mask=sel[:, None])
+                tl.atomic_add(out_ptrs, acc, mask=sel[:, None])
             else:
                 acc, acc2 = _shrink_run(in_ptrs, a1_ptrs, sel, k_lo, k_hi, R, a1_ptrs, False,
                                         BLOCK_M, BLOCK_K, RP, EVEN_K, UPCAST, PREC)
-                tl.store(out_ptrs + RP, acc, mask=sel[:, None])
+                tl.atomic_add(out_ptrs + RP, acc, mask=sel[:, None])
 
 
 # ----------------------------------------------------------------------------- LoRA expand
@@ -349,14 +350,16 @@ def gate_up_kernel(
     w3a_ptr,  # (S, E, R, H) up lora_a (read only if FUSE)
     w1b_ptr,  # (S, E, I, R) gate lora_b
     w3b_ptr,  # (S, E, I, R) up lora_b
+    w2a_ptr,  # (S, E, R, I) down lora_a: the down shrink of h is done here (not FUSE)
+    ha_ptr,  # (M_MAX, RP) fp32, zeroed: += h tile @ A_down tile^T (atomics over N tiles)
     scale_ptr,  # (S, 3) fp32
     present_ptr,  # (S, 3) int32
     shared_ptr,  # (S,) int32
     # sizes
     H, I, R, P, S, NB_MAX,
     # strides
-    stride_xt, stride_we, stride_wn, stride_be, stride_hm, stride_xak, stride_xam,
-    stride_as, stride_ae, stride_ar, stride_bs, stride_bse, stride_bn,
+    stride_xt, stride_we, stride_wn, stride_be, stride_hm, stride_xak, stride_xam, stride_ham,
+    stride_as, stride_ae, stride_ar, stride_a2s, stride_a2e, stride_a2r, stride_bs, stride_bse, stride_bn,
     # meta
     KSPLIT: tl.constexpr, TOPK: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_LORA: tl.constexpr, FUSE: tl.constexpr,
@@ -450,9 +453,19 @@ def gate_up_kernel(
                                 w1b_ptr + bs, n, n_ok, R, stride_bn, KSPLIT, RP, UPCAST, PREC)
             acc_u = _expand_run(acc_u, xa_ptrs + up_col, stride_xak, tl.load(scale_ptr + s * 3 + 1), sel, u_on,
                                 w3b_ptr + bs, n, n_ok, R, stride_bn, KSPLIT, RP, UPCAST, PREC)
-    hv = _activate(acc_g, acc_u, ACT)
+    hv = _activate(acc_g, acc_u, ACT).to(h_ptr.dtype.element_ty)
     h_ptrs = h_ptr + rows.to(tl.int64)[:, None] * stride_hm + n[None, :]
-    tl.store(h_ptrs, hv.to(h_ptr.dtype.element_ty), mask=n_ok[None, :])
+    tl.store(h_ptrs, hv, mask=n_ok[None, :])
+    if HAS_LORA and not FUSE:  # down shrink of this N tile of h, per run, summed over N tiles
+        ha_ptrs = ha_ptr + rows[:, None] * stride_ham + r[None, :]
+        for j in range(nruns):
+            sel, s, d_on = _run_slot(run, slot, j, present_ptr, 2)
+            on_i = d_on.to(tl.int32)
+            a2 = tl.load(w2a_ptr + s.to(tl.int64) * stride_a2s + e.to(tl.int64) * stride_a2e
+                         + r[None, :] * stride_a2r + n[:, None],
+                         mask=((r < R) & ((r * 0 + on_i) != 0))[None, :] & n_ok[:, None], other=0.0)
+            part = _dot(hv, a2, tl.zeros((BLOCK_M, RP), tl.float32), UPCAST, PREC)
+            tl.atomic_add(ha_ptrs, part, mask=(sel & ((sel.to(tl.int32) * 0 + on_i) != 0))[:, None])
 
 
 # ----------------------------------------------------------------------------- down

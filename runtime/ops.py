@@ -140,11 +140,12 @@ def _launch(x, w13, w2, topk_ids, topk_weights, slots, token_lora, act, w13_bias
     h = torch.empty(rt.num_blocks_max * bm, I, dtype=x.dtype, device=x.device)
     y = torch.empty(T * k, H, dtype=x.dtype, device=x.device)
     xa = ha = None
-    if has_lora and not fuse:
-        xa = _shrink(x, slots.w1_a, slots.w3_a, rt, slots, k, True, cfg["shrink"], meta)
-    _gate_up(x, w13, w13_bias, h, rt, lora, xa, act, k, fuse, cfg["gate_up"], meta)
-    if has_lora and not fuse:
-        ha = _shrink(h, slots.w2_a, slots.w2_a, rt, slots, k, False, cfg["shrink"], meta)
+    if has_lora and not fuse:  # shrink results: cols [gate | up | down], RP each, fp32, zeroed
+        rp = meta["RP"]
+        buf = torch.zeros(rt.num_blocks_max * bm, 3 * rp, dtype=torch.float32, device=x.device)
+        xa, ha = buf, buf[:, 2 * rp:]
+        _shrink(x, slots.w1_a, slots.w3_a, xa, rt, slots, k, cfg["shrink"], meta)
+    _gate_up(x, w13, w13_bias, h, rt, lora, xa, ha, act, k, fuse, cfg["gate_up"], meta)
     _down(h, w2, w2_bias, y, topk_weights.reshape(-1), rt, lora, ha, k, fuse, cfg["down"], meta)
     torch.sum(y.view(T, k, H), dim=1, out=out)
 
@@ -168,34 +169,33 @@ def _split(D, cfg):
     return split, triton.cdiv(D, split)
 
 
-def _shrink(src, a0, a1, rt, slots, k, pair, cfg, meta):
-    """(KSPLIT, M_MAX, (1 + pair) * RP) fp32 partial sums of src @ A^T per sorted row.
+def _shrink(src, a0, a1, out, rt, slots, k, cfg, meta):
+    """out[:, :2RP] (M_MAX, 3RP) fp32 += x @ A^T for gate and up per sorted row (zeroed before).
 
-    One program per (expert, slot) segment and K split; rows of other projections' absent
-    adapters are left unwritten (the expand masks them off by the same presence flags).
+    One program per (expert, slot) segment and K split (splits add with atomics); rows of
+    absent projections stay 0 and the expand masks them off by the same presence flags.
     """
-    D, rp = src.shape[1], meta["RP"]
+    D = src.shape[1]
     cfg = dict(cfg)
     split, ksplit = _split(D, cfg)
     cfg.pop("SPLIT_K", None)
-    out = torch.empty(ksplit, rt.num_blocks_max * rt.block_m, (1 + pair) * rp, dtype=torch.float32,
-                      device=src.device)
     if rt.max_segments == 0:
-        return out
+        return
     kernels.lora_shrink_kernel[(rt.max_segments, ksplit)](
         src, a0, a1, out, rt.sorted_ids, rt.segments, rt.num_segments, slots.present, slots.shared_a,
         D, slots.max_rank,
-        src.stride(0), a0.stride(0), a0.stride(1), a0.stride(2), out.stride(0), out.stride(1),
-        PAIR=pair, GATHER=pair, TOPK=k, SPLIT_K=split,
+        src.stride(0), a0.stride(0), a0.stride(1), a0.stride(2), 0, out.stride(0),
+        PAIR=True, GATHER=True, TOPK=k, SPLIT_K=split,
         EVEN_K=D % cfg["BLOCK_K"] == 0 and split % cfg["BLOCK_K"] == 0, **meta, **cfg)
-    return out
 
 
-def _gate_up(x, w13, bias, h, rt, lora, xa, act, k, fuse, cfg, meta):
-    """h (M_MAX, I) = act(x W1^T + dW1, x W3^T + dW3) per sorted row."""
+def _gate_up(x, w13, bias, h, rt, lora, xa, ha, act, k, fuse, cfg, meta):
+    """h (M_MAX, I) = act(x W1^T + dW1, x W3^T + dW3) per sorted row; ha += h @ A_down^T."""
     T, H = x.shape
     I = w13.shape[1] // 2
-    xa = xa if xa is not None else x.new_empty(1, 1, 1, dtype=torch.float32)
+    xa = xa if xa is not None else x.new_empty(1, 1, dtype=torch.float32)
+    ha = ha if ha is not None else x.new_empty(1, 1, dtype=torch.float32)
+    a2 = lora["w2_a"]
     b = bias if bias is not None else x.new_empty(1, 1)
     a, bb = lora["w1_a"], lora["w1_b"]
     cfg = dict(cfg)
@@ -203,18 +203,19 @@ def _gate_up(x, w13, bias, h, rt, lora, xa, act, k, fuse, cfg, meta):
     grid = (rt.num_blocks_max * triton.cdiv(I, cfg["BLOCK_N"]),)
     kernels.gate_up_kernel[grid](
         x, w13, b, h, rt.sorted_ids, rt.block_expert, lora["token_lora"], xa, lora["w1_a"], lora["w3_a"],
-        lora["w1_b"], lora["w3_b"], lora["scaling"], lora["present"], lora["shared_a"],
+        lora["w1_b"], lora["w3_b"], a2, ha, lora["scaling"], lora["present"], lora["shared_a"],
         H, I, lora["R"], T * k, lora["S"], rt.num_blocks_max,
-        x.stride(0), w13.stride(0), w13.stride(1), b.stride(0), h.stride(0), xa.stride(0), xa.stride(1),
-        a.stride(0), a.stride(1), a.stride(2), bb.stride(0), bb.stride(1), bb.stride(2),
-        KSPLIT=xa.shape[0], TOPK=k, ACT=act, HAS_BIAS=bias is not None, HAS_LORA=lora["S"] > 0,
+        x.stride(0), w13.stride(0), w13.stride(1), b.stride(0), h.stride(0), 0, xa.stride(0), ha.stride(0),
+        a.stride(0), a.stride(1), a.stride(2), a2.stride(0), a2.stride(1), a2.stride(2),
+        bb.stride(0), bb.stride(1), bb.stride(2),
+        KSPLIT=1, TOPK=k, ACT=act, HAS_BIAS=bias is not None, HAS_LORA=lora["S"] > 0,
         FUSE=fuse, BLOCK_M=bm, EVEN_K=H % cfg["BLOCK_K"] == 0, **meta, **cfg)
 
 
 def _down(h, w2, bias, y, topk_w, rt, lora, ha, k, fuse, cfg, meta):
     """y (P, H) = topk_weight * (h W2^T + dW2 + b2) per pair."""
     E, H, I = w2.shape
-    ha = ha if ha is not None else h.new_empty(1, 1, 1, dtype=torch.float32)
+    ha = ha if ha is not None else h.new_empty(1, 1, dtype=torch.float32)
     b = bias if bias is not None else h.new_empty(1, 1)
     a, bb = lora["w2_a"], lora["w2_b"]
     grid = (rt.num_blocks_max * triton.cdiv(H, cfg["BLOCK_N"]),)
@@ -222,7 +223,7 @@ def _down(h, w2, bias, y, topk_w, rt, lora, ha, k, fuse, cfg, meta):
         h, w2, b, y, topk_w, rt.sorted_ids, rt.block_expert, lora["token_lora"], ha, lora["w2_a"],
         lora["w2_b"], lora["scaling"], lora["present"],
         H, I, lora["R"], y.shape[0], lora["S"], rt.num_blocks_max,
-        h.stride(0), w2.stride(0), w2.stride(1), b.stride(0), y.stride(0), ha.stride(0), ha.stride(1),
+        h.stride(0), w2.stride(0), w2.stride(1), b.stride(0), y.stride(0), 0, ha.stride(0),
         a.stride(0), a.stride(1), a.stride(2), bb.stride(0), bb.stride(1), bb.stride(2),
-        KSPLIT=ha.shape[0], TOPK=k, HAS_BIAS=bias is not None, HAS_LORA=lora["S"] > 0, FUSE=fuse,
+        KSPLIT=1, TOPK=k, HAS_BIAS=bias is not None, HAS_LORA=lora["S"] > 0, FUSE=fuse,
         BLOCK_M=rt.block_m, EVEN_K=I % cfg["BLOCK_K"] == 0, **meta, **cfg)
