@@ -1,4 +1,5 @@
 """Public op: check inputs -> allocate -> route -> shrink x -> gate/up+act -> shrink h -> down -> sum over k."""
+import functools
 import os
 
 import torch
@@ -90,8 +91,14 @@ def _meta(x, slots):
     return dict(UPCAST=upcast, PREC=prec, RP=rp)
 
 
+@functools.lru_cache(maxsize=None)
+def _cuda_name(index):
+    return torch.cuda.get_device_name(index)
+
+
 def _device_name(x):
-    return torch.cuda.get_device_name(x.device) if x.is_cuda else "cpu"
+    return _cuda_name(x.device.index if x.device.index is not None else torch.cuda.current_device()) \
+        if x.is_cuda else "cpu"
 
 
 def moe_lora_forward(x, w13, w2, topk_ids, topk_weights, slots=None, token_lora=None,
