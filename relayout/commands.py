@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 from relayout.convert import DTYPES, Loaded, convert, load_adapter
 from relayout.outputs import FORMATS, LATEST_PEFT, normalized_shapes, projection_scaling
@@ -36,6 +37,7 @@ def describe(loaded: Loaded) -> dict:
                     "num_experts": e, "rank": dict(ranks), "scaling": dict(scales)}
                    for (path, layout, units, scales, e, ranks), layers in groups.items()],
         "passthrough": det.passthrough,
+        "notes": det.notes,
     }
 
 
@@ -51,6 +53,7 @@ def _text(info: dict) -> str:
         scales = ", ".join(f"{u}:{s:g}" for u, s in g["scaling"].items())
         lines.append(f"  layers {g['layers']}: {g['layout']} {g['units']} at {g['experts']}, "
                      f"{g['num_experts']} experts, rank {ranks}, scaling {scales}")
+    lines += [f"note: {n}" for n in info["notes"]]
     lines.append(f"passes through unchanged: {len(info['passthrough'])} tensor(s)")
     lines += [f"  {k}" for k in info["passthrough"][:20]]
     if len(info["passthrough"]) > 20:
@@ -66,9 +69,11 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    out = convert(args.adapter, args.out, args.to, arch=args.arch, model_config=args.model_config,
-                  layout=args.layout, device=args.device, dtype=args.dtype, rules=args.rules,
-                  peft_version=args.peft_version, force=args.force, progress=None if not args.quiet else False)
+    loaded = load_adapter(args.adapter, args.arch, args.model_config, args.layout, args.rules)
+    out = convert(loaded, args.out, args.to, device=args.device, dtype=args.dtype, peft_version=args.peft_version,
+                  force=args.force, progress=None if not args.quiet else False)
+    for note in loaded.detected.notes:
+        print(f"note: {note}", file=sys.stderr)
     if args.output == "json":
         print(json.dumps({"ok": True, "out": str(out), "to": args.to}))
     elif not args.quiet:

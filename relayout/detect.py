@@ -36,6 +36,7 @@ class Detected:
     model_config: dict | None
     blocks: list[Block]
     passthrough: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def architecture(self) -> str:
@@ -213,11 +214,13 @@ def _layout_filter(rule: Rule, adapter: Adapter, layout: Layout, units, block_pa
         names = _targeted_here(targets, block_path)
         if names != {rule.fused_param(u).name for u in units}:
             return "target_parameters"
-    version = adapter.config.get("peft_version")
-    if layout.orientation and any(expected_orientation(rule, u, version) not in (None, layout.orientation)
-                                  for u in units):
-        return f"peft_version {version}"
     return None
+
+
+def _version_fits(rule: Rule, adapter: Adapter, block: Block) -> bool:
+    """Whether a candidate's orientation is the one its peft_version writes (True when unknown or not PEFT 3D)."""
+    version, orientation = adapter.config.get("peft_version"), rule.layout(block.plan.layout).orientation
+    return not orientation or all(expected_orientation(rule, u, version) in (None, orientation) for u in block.plan.units)
 
 
 def _is_block_diagonal(adapter: Adapter, block_keys: dict[str, str], plan: Plan) -> bool:
@@ -265,6 +268,8 @@ def _pick(rule: Rule, adapter: Adapter, candidates: list[Block], prefix: str) ->
             candidates = diag
         else:
             candidates = [b for b in candidates if b not in diag]
+    if len(candidates) > 1:  # shapes could not decide: peft_version breaks the tie (it can be stale, so not before)
+        candidates = [b for b in candidates if _version_fits(rule, adapter, b)] or candidates
     if len(candidates) == 1:
         return candidates[0]
     listed = "; ".join(f"{b.plan.layout} {list(b.plan.units)}" for b in candidates)
@@ -306,4 +311,17 @@ def detect(ruleset: RuleSet, adapter: Adapter, arch: str | None = None, model_co
                             f"{', '.join(_experts_templates(rule))}); there is nothing to relayout")
     consumed = {full for b in blocks for full in b.keys.values()}
     passthrough = [k for k in adapter.tensors if k not in consumed]
-    return Detected(rule, how, config, blocks, passthrough)
+    return Detected(rule, how, config, blocks, passthrough, _notes(rule, adapter, blocks, known))
+
+
+def _notes(rule: Rule, adapter: Adapter, blocks: list[Block], known: dict[str, int]) -> list[str]:
+    """Things the user should know: facts relayout could only derive, and config fields the shapes overruled."""
+    notes = []
+    if "e" not in known and any(not rule.layout(b.plan.layout).per_expert for b in blocks):
+        notes.append(f"num_experts {blocks[0].plan.size('e')} was derived from the adapter's rank (r); pass "
+                     f"--model-config PATH/config.json to check it against the model")
+    stale = sorted({b.plan.layout for b in blocks if not _version_fits(rule, adapter, b)})
+    if stale:
+        notes.append(f"peft_version {adapter.config.get('peft_version')} implies the other orientation, but the "
+                     f"shapes fit only {', '.join(stale)}: the shapes were trusted")
+    return notes
