@@ -148,7 +148,9 @@ def peft_config(adapter: Adapter, det: Detected, targets: list[TargetBlock], fmt
     alphas = {m: _alpha(r, s, rslora) for m, (r, s) in modules.items()}
     r, alpha = Counter(ranks.values()).most_common(1)[0][0], Counter(alphas.values()).most_common(1)[0][0]
     config = dict(adapter.config)
-    config.update(r=r, lora_alpha=alpha, peft_version=peft_version,
+    # init_lora_weights=True: a module PEFT wraps but the file does not hold (an expert projection of a layer
+    # this adapter never adapted) starts with B = 0 and changes nothing, instead of random values.
+    config.update(r=r, lora_alpha=alpha, peft_version=peft_version, init_lora_weights=True,
                   rank_pattern=_compress(ranks, r), alpha_pattern=_compress(alphas, alpha))
     rule = det.rule
     expert_names = set(dict(rule.projections).values())

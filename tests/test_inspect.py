@@ -330,9 +330,12 @@ def test_layer_specific_target_parameters_from_peft(capsys, model, tmp_path):
     config = json.loads((tmp_path / "3d" / "adapter_config.json").read_text())
     assert sorted(config["target_parameters"]) == sorted(cfg.target_parameters)  # layer 1 keeps no gate_up LoRA
     loaded = tm.load_adapter(model("qwen3_moe"), tmp_path / "3d")
-    x = torch.randn(5, H, generator=torch.Generator().manual_seed(0))
+    loaded_2d = tm.load_adapter(model("qwen3_moe"), tmp_path / "2d")  # PEFT's 4.x conversion wraps gate_up in
+    x = torch.randn(5, H, generator=torch.Generator().manual_seed(0))  # layer 1 too: it must start at B = 0
     ids, w = tm.fixed_routing(5, seed=1)
     for layer in (0, 1):
+        torch.testing.assert_close(tm.moe_block_output(loaded_2d, layer, x, ids, w),
+                                   tm.moe_block_output(pm, layer, x, ids, w), rtol=1e-5, atol=1e-6)
         assert set(tm.param_wrappers(loaded, layer)) == set(tm.param_wrappers(pm, layer))
         want, got = tm.per_expert_deltas_from_peft(pm, layer), tm.per_expert_deltas_from_peft(loaded, layer)
         for role in want:
