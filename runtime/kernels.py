@@ -350,7 +350,7 @@ def gate_up_kernel(
     w3a_ptr,  # (S, E, R, H) up lora_a (read only if FUSE)
     w1b_ptr,  # (S, E, I, R) gate lora_b
     w3b_ptr,  # (S, E, I, R) up lora_b
-    w2a_ptr,  # (S, E, R, I) down lora_a: the down shrink of h is done here (not FUSE)
+    w2a_ptr,  # (S, E, R, I) down lora_a: the down shrink of h is done here if DOWN_SHRINK
     ha_ptr,  # (M_MAX, RP) fp32, zeroed: += h tile @ A_down tile^T (atomics over N tiles)
     scale_ptr,  # (S, 3) fp32
     present_ptr,  # (S, 3) int32
@@ -362,7 +362,7 @@ def gate_up_kernel(
     stride_as, stride_ae, stride_ar, stride_a2s, stride_a2e, stride_a2r, stride_bs, stride_bse, stride_bn,
     # meta
     KSPLIT: tl.constexpr, TOPK: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_LORA: tl.constexpr, FUSE: tl.constexpr,
+    HAS_LORA: tl.constexpr, FUSE: tl.constexpr, DOWN_SHRINK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     RP: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
 ):
@@ -456,7 +456,7 @@ def gate_up_kernel(
     hv = _activate(acc_g, acc_u, ACT).to(h_ptr.dtype.element_ty)
     h_ptrs = h_ptr + rows.to(tl.int64)[:, None] * stride_hm + n[None, :]
     tl.store(h_ptrs, hv, mask=n_ok[None, :])
-    if HAS_LORA and not FUSE:  # down shrink of this N tile of h, per run, summed over N tiles
+    if DOWN_SHRINK:  # down shrink of this N tile of h, per run, summed over N tiles (atomics)
         ha_ptrs = ha_ptr + rows[:, None] * stride_ham + r[None, :]
         for j in range(nruns):
             sel, s, d_on = _run_slot(run, slot, j, present_ptr, 2)

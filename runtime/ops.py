@@ -135,11 +135,14 @@ def _launch(x, w13, w2, topk_ids, topk_weights, slots, token_lora, act, w13_bias
     """Route, run the kernels, reduce over k into `out` (T, H).
 
     cfg["FUSE"] (decode): the LoRA shrinks ride along the base K loops, no shrink kernels.
+    cfg["DOWN_IN_GATE_UP"]: the down shrink h @ A^T is summed over N tiles in the gate/up
+    epilogue (atomics) instead of a second shrink launch over h.
     """
     T, H = x.shape
     E, I, k = w13.shape[0], w2.shape[2], topk_ids.shape[1]
     has_lora = slots is not None
     fuse = has_lora and bool(cfg.get("FUSE", False))
+    down_in_gu = has_lora and not fuse and bool(cfg.get("DOWN_IN_GATE_UP", True))
     bm = cfg["gate_up"]["BLOCK_M"]
     rt = route(topk_ids, token_lora if has_lora else None, E, slots.num_slots if has_lora else 0, bm)
     meta = _meta(x, slots)
@@ -151,8 +154,10 @@ def _launch(x, w13, w2, topk_ids, topk_weights, slots, token_lora, act, w13_bias
         rp = meta["RP"]
         buf = torch.zeros(rt.num_blocks_max * bm, 3 * rp, dtype=torch.float32, device=x.device)
         xa, ha = buf, buf[:, 2 * rp:]
-        _shrink(x, slots.w1_a, slots.w3_a, xa, rt, slots, k, cfg["shrink"], meta)
-    _gate_up(x, w13, w13_bias, h, rt, lora, xa, ha, act, k, fuse, cfg["gate_up"], meta)
+        _shrink(x, slots.w1_a, slots.w3_a, xa, rt, slots, k, True, cfg["shrink"], meta)
+    _gate_up(x, w13, w13_bias, h, rt, lora, xa, ha, act, k, fuse, down_in_gu, cfg["gate_up"], meta)
+    if has_lora and not fuse and not down_in_gu:
+        _shrink(h, slots.w2_a, slots.w2_a, ha, rt, slots, k, False, cfg["shrink"], meta)
     _down(h, w2, w2_bias, y, topk_weights.reshape(-1), rt, lora, ha, k, fuse, cfg["down"], meta)
     torch.sum(y.view(T, k, H), dim=1, out=out)
 
@@ -176,8 +181,8 @@ def _split(D, cfg):
     return split, triton.cdiv(D, split)
 
 
-def _shrink(src, a0, a1, out, rt, slots, k, cfg, meta):
-    """out[:, :2RP] (M_MAX, 3RP) fp32 += x @ A^T for gate and up per sorted row (zeroed before).
+def _shrink(src, a0, a1, out, rt, slots, k, pair, cfg, meta):
+    """out (zeroed fp32 rows) += src @ A^T per sorted row: x for gate|up (pair) or h for down.
 
     One program per (expert, slot) segment and K split (splits add with atomics); rows of
     absent projections stay 0 and the expand masks them off by the same presence flags.
@@ -192,11 +197,11 @@ def _shrink(src, a0, a1, out, rt, slots, k, cfg, meta):
         src, a0, a1, out, rt.sorted_ids, rt.segments, rt.num_segments, slots.present, slots.shared_a,
         D, slots.max_rank,
         src.stride(0), a0.stride(0), a0.stride(1), a0.stride(2), 0, out.stride(0),
-        PAIR=True, GATHER=True, TOPK=k, SPLIT_K=split,
+        PAIR=pair, GATHER=pair, TOPK=k, SPLIT_K=split,
         EVEN_K=D % cfg["BLOCK_K"] == 0 and split % cfg["BLOCK_K"] == 0, **meta, **cfg)
 
 
-def _gate_up(x, w13, bias, h, rt, lora, xa, ha, act, k, fuse, cfg, meta):
+def _gate_up(x, w13, bias, h, rt, lora, xa, ha, act, k, fuse, down_in_gu, cfg, meta):
     """h (M_MAX, I) = act(x W1^T + dW1, x W3^T + dW3) per sorted row; ha += h @ A_down^T."""
     T, H = x.shape
     I = w13.shape[1] // 2
@@ -216,7 +221,7 @@ def _gate_up(x, w13, bias, h, rt, lora, xa, ha, act, k, fuse, cfg, meta):
         a.stride(0), a.stride(1), a.stride(2), a2.stride(0), a2.stride(1), a2.stride(2),
         bb.stride(0), bb.stride(1), bb.stride(2),
         KSPLIT=1, TOPK=k, ACT=act, HAS_BIAS=bias is not None, HAS_LORA=lora["S"] > 0,
-        FUSE=fuse, BLOCK_M=bm, EVEN_K=H % cfg["BLOCK_K"] == 0, **meta, **cfg)
+        FUSE=fuse, DOWN_SHRINK=down_in_gu, BLOCK_M=bm, EVEN_K=H % cfg["BLOCK_K"] == 0, **meta, **cfg)
 
 
 def _down(h, w2, bias, y, topk_w, rt, lora, ha, k, fuse, cfg, meta):

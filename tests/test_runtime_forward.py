@@ -107,10 +107,14 @@ def test_empty_experts():
     _close(out, moe_reference(x, w13, w2, ids, wts, adapters, tl_), 1e-4, 1e-4)
 
 
-@pytest.mark.parametrize("fuse", [False, True])
-def test_partial_adapter_down_only(monkeypatch, fuse):
+MODES = [{"FUSE": False, "DOWN_IN_GATE_UP": False}, {"FUSE": False, "DOWN_IN_GATE_UP": True},
+         {"FUSE": True}]  # the three LoRA paths
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_partial_adapter_down_only(monkeypatch, mode):
     # an adapter with only w2: gate/up get zero contribution and no shrink work
-    monkeypatch.setenv("RELAYOUT_RUNTIME_CONFIG", json.dumps({"FUSE": fuse}))
+    monkeypatch.setenv("RELAYOUT_RUNTIME_CONFIG", json.dumps(mode))
     T, H, I, E, k = 12, 48, 40, 5, 2
     x, w13, w2, _, _, ids, wts, _, _, _ = _case(T, H, I, E, k, torch.float32)
     slots = LoraSlots(2, 8, E, H, I, dtype=torch.float32, device=DEV)
@@ -124,10 +128,10 @@ def test_partial_adapter_down_only(monkeypatch, fuse):
     _close(out, moe_reference(x, w13, w2, ids, wts, [down, gate], tl_), 1e-4, 1e-4)
 
 
-@pytest.mark.parametrize("fuse", [False, True])
-def test_shared_a_is_detected_and_correct(monkeypatch, fuse):
+@pytest.mark.parametrize("mode", MODES)
+def test_shared_a_is_detected_and_correct(monkeypatch, mode):
     # gate and up share lora_a (3D-born adapter): one shrink serves both
-    monkeypatch.setenv("RELAYOUT_RUNTIME_CONFIG", json.dumps({"FUSE": fuse}))
+    monkeypatch.setenv("RELAYOUT_RUNTIME_CONFIG", json.dumps(mode))
     T, H, I, E, k = 12, 48, 40, 5, 2
     x, w13, w2, _, _, ids, wts, _, _, _ = _case(T, H, I, E, k, torch.float32)
     slots = LoraSlots(2, 8, E, H, I, dtype=torch.float32, device=DEV)
@@ -157,6 +161,8 @@ PINS = [
     {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2},  # bigger blocks, grouped order
     {"shrink": {"BLOCK_K": 16, "SPLIT_K": 16}},  # shrink split over K: partial sums
     {"shrink": {"BLOCK_K": 32, "SPLIT_K": 0}, "gate_up": {"BLOCK_K": 32}},  # K tails (48 % 32)
+    {"DOWN_IN_GATE_UP": True},  # down shrink summed over N tiles in the gate/up epilogue
+    {"DOWN_IN_GATE_UP": False, "shrink": {"SPLIT_K": 16, "BLOCK_K": 16}},  # down shrink kernel, split K
     {"FUSE": True},  # decode path: shrinks inside the base K loops, later runs recomputed
     {"FUSE": True, "BLOCK_M": 32, "BLOCK_K": 32},  # decode path with K tails and many runs a block
 ]
@@ -171,15 +177,15 @@ def test_pinned_config_gives_same_result(monkeypatch, pin):
     _close(out, moe_reference(x, w13, w2, ids, wts, adapters, tl_), 1e-4, 1e-4)
 
 
-@pytest.mark.parametrize("fuse", [False, True])
-def test_long_segments_and_many_runs(monkeypatch, fuse):
+@pytest.mark.parametrize("mode", MODES)
+def test_long_segments_and_many_runs(monkeypatch, mode):
     # 2 experts, 80 tokens: (expert, slot) segments longer than the shrink block (several
     # chunks), GEMM blocks of 32 rows holding several adapter runs and adapter-less rows
     T, H, I, E, k = 80, 32, 32, 2, 1
     x, w13, w2, _, _, ids, wts, slots, adapters, _ = _case(T, H, I, E, k, torch.float32, S=2)
     tl_ = torch.tensor([0] * 40 + [-1] * 10 + [1] * 30, dtype=torch.int32, device=DEV)
     monkeypatch.setenv("RELAYOUT_RUNTIME_CONFIG", json.dumps(
-        {"BLOCK_M": 32, "FUSE": fuse, "shrink": {"BLOCK_M": 16, "BLOCK_K": 16, "SPLIT_K": 16}}))
+        {"BLOCK_M": 32, **mode, "shrink": {"BLOCK_M": 16, "BLOCK_K": 16, "SPLIT_K": 16}}))
     out = moe_lora_forward(x, w13, w2, ids, wts, slots, tl_)
     _close(out, moe_reference(x, w13, w2, ids, wts, adapters, tl_), 1e-4, 1e-4)
 
