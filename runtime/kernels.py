@@ -315,6 +315,19 @@ def _expand_run(acc, sh_ptrs, stride_k, scale, sel, on, b_base, n, n_ok, R, stri
 
 
 @triton.jit
+def _load_run(sh_ptrs, b_base, sel, on, n, n_ok, R, stride_bn, RP: tl.constexpr):
+    """Operands of one run's expand, masked off when the slot lacks the projection:
+    shrink rows (BLOCK_M, RP) fp32 and B^T tile (RP, BLOCK_N)."""
+    r = tl.arange(0, RP)
+    on_i = on.to(tl.int32)
+    rows_on = sel & ((sel.to(tl.int32) * 0 + on_i) != 0)
+    v = tl.load(sh_ptrs, mask=rows_on[:, None], other=0.0)
+    b = tl.load(b_base + n[None, :] * stride_bn + r[:, None],
+                mask=((r < R) & ((r * 0 + on_i) != 0))[:, None] & n_ok[None, :], other=0.0)
+    return v, b
+
+
+@triton.jit
 def _run_slot(run, slot, j, present_ptr, PROJ: tl.constexpr):
     """Rows of run j, its slot (0 when the block has no run j) and whether it adapts PROJ."""
     sel = run == j
@@ -362,7 +375,7 @@ def gate_up_kernel(
     stride_as, stride_ae, stride_ar, stride_a2s, stride_a2e, stride_a2r, stride_bs, stride_bse, stride_bn,
     # meta
     KSPLIT: tl.constexpr, TOPK: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_LORA: tl.constexpr, FUSE: tl.constexpr, DOWN_SHRINK: tl.constexpr,
+    HAS_LORA: tl.constexpr, FUSE: tl.constexpr, DOWN_SHRINK: tl.constexpr, PREFETCH: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     RP: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
 ):
@@ -394,6 +407,18 @@ def gate_up_kernel(
         au_ptrs = w3a_ptr + a_off
         ag_on = ((r < R) & ((r * 0 + g_on.to(tl.int32)) != 0))[None, :]
         au_on = ((r < R) & ((r * 0 + (u_on & (sh0 == 0)).to(tl.int32)) != 0))[None, :]
+    elif HAS_LORA:
+        run, nruns = _block_runs(sorted_ids_ptr, token_lora_ptr, rows, slot, pid_m, P, S, TOPK, BLOCK_M)
+        xa_ptrs = xa_ptr + rows[:, None] * stride_xam + r[None, :]
+        if PREFETCH:  # the first run's expand operands load while the K loop streams weights
+            sel0, s0, g_on0 = _run_slot(run, slot, 0, present_ptr, 0)
+            sel0, s0, u_on0 = _run_slot(run, slot, 0, present_ptr, 1)
+            bs0 = s0.to(tl.int64) * stride_bs + e.to(tl.int64) * stride_bse
+            vg0, bg0 = _load_run(xa_ptrs, w1b_ptr + bs0, sel0, g_on0, n, n_ok, R, stride_bn, RP)
+            vu0, bu0 = _load_run(xa_ptrs + RP * (1 - tl.load(shared_ptr + s0)), w3b_ptr + bs0, sel0, u_on0,
+                                 n, n_ok, R, stride_bn, RP)
+            sg0 = tl.load(scale_ptr + s0 * 3)
+            su0 = tl.load(scale_ptr + s0 * 3 + 1)
     for k0 in range(0, H, BLOCK_K):
         if EVEN_K:
             xv = tl.load(x_ptrs, mask=valid[:, None], other=0.0)
@@ -442,9 +467,12 @@ def gate_up_kernel(
             acc_u = _expand_reg(acc_u, xu, sel, u_on, tl.load(scale_ptr + s * 3 + 1), w3b_ptr + bs,
                                 n, n_ok, R, stride_bn, RP, UPCAST, PREC)
     elif HAS_LORA:
-        run, nruns = _block_runs(sorted_ids_ptr, token_lora_ptr, rows, slot, pid_m, P, S, TOPK, BLOCK_M)
-        xa_ptrs = xa_ptr + rows[:, None] * stride_xam + r[None, :]
-        for j in range(nruns):
+        j0 = 0
+        if PREFETCH:
+            acc_g = _dot((vg0 * sg0).to(bg0.dtype), bg0, acc_g, UPCAST, PREC)
+            acc_u = _dot((vu0 * su0).to(bu0.dtype), bu0, acc_u, UPCAST, PREC)
+            j0 = 1
+        for j in range(j0, nruns):
             sel, s, g_on = _run_slot(run, slot, j, present_ptr, 0)
             sel, s, u_on = _run_slot(run, slot, j, present_ptr, 1)
             bs = s.to(tl.int64) * stride_bs + e.to(tl.int64) * stride_bse
@@ -492,7 +520,7 @@ def down_kernel(
     stride_as, stride_ae, stride_ar, stride_bs, stride_bse, stride_bn,
     # meta
     KSPLIT: tl.constexpr, TOPK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
-    FUSE: tl.constexpr,
+    FUSE: tl.constexpr, PREFETCH: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     RP: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
 ):
@@ -517,6 +545,14 @@ def down_kernel(
         a_off = s0.to(tl.int64) * stride_as + e.to(tl.int64) * stride_ae + r[None, :] * stride_ar + kk[:, None]
         a_ptrs = w2a_ptr + a_off
         a_on = ((r < R) & ((r * 0 + d_on.to(tl.int32)) != 0))[None, :]
+    elif HAS_LORA:
+        run, nruns = _block_runs(sorted_ids_ptr, token_lora_ptr, rows, slot, pid_m, P, S, TOPK, BLOCK_M)
+        ha_ptrs = ha_ptr + rows[:, None] * stride_ham + r[None, :]
+        if PREFETCH:  # the first run's expand operands load while the K loop streams weights
+            sel0, s0, d_on0 = _run_slot(run, slot, 0, present_ptr, 2)
+            bs0 = s0.to(tl.int64) * stride_bs + e.to(tl.int64) * stride_bse
+            vd0, bd0 = _load_run(ha_ptrs, w2b_ptr + bs0, sel0, d_on0, n, n_ok, R, stride_bn, RP)
+            sd0 = tl.load(scale_ptr + s0 * 3 + 2)
     for k0 in range(0, I, BLOCK_K):
         if EVEN_K:
             hv = tl.load(h_ptrs, mask=valid[:, None], other=0.0)
@@ -548,9 +584,11 @@ def down_kernel(
             acc = _expand_reg(acc, hs, sel, d_on, tl.load(scale_ptr + s * 3 + 2), w2b_ptr + bs,
                               n, n_ok, R, stride_bn, RP, UPCAST, PREC)
     elif HAS_LORA:
-        run, nruns = _block_runs(sorted_ids_ptr, token_lora_ptr, rows, slot, pid_m, P, S, TOPK, BLOCK_M)
-        ha_ptrs = ha_ptr + rows[:, None] * stride_ham + r[None, :]
-        for j in range(nruns):
+        j0 = 0
+        if PREFETCH:
+            acc = _dot((vd0 * sd0).to(bd0.dtype), bd0, acc, UPCAST, PREC)
+            j0 = 1
+        for j in range(j0, nruns):
             sel, s, d_on = _run_slot(run, slot, j, present_ptr, 2)
             bs = s.to(tl.int64) * stride_bs + e.to(tl.int64) * stride_bse
             acc = _expand_run(acc, ha_ptrs, stride_hak, tl.load(scale_ptr + s * 3 + 2), sel, d_on,

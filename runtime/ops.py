@@ -11,6 +11,12 @@ from .routing import route
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 ACTIVATIONS = {"silu": 0, "swiglu_oai": 1}
+PREFETCH_ELEMS = 2048  # BLOCK_M * RP and RP * BLOCK_N / 2 up to which the first run's LoRA
+#                        operands load before the K loop (beyond: register spills, ptxas sm_90)
+
+
+def _prefetch(block_m, block_n, rp):
+    return block_m * rp <= PREFETCH_ELEMS and rp * block_n <= 2 * PREFETCH_ELEMS
 
 
 def _interpret():
@@ -221,7 +227,8 @@ def _gate_up(x, w13, bias, h, rt, lora, xa, ha, act, k, fuse, down_in_gu, cfg, m
         a.stride(0), a.stride(1), a.stride(2), a2.stride(0), a2.stride(1), a2.stride(2),
         bb.stride(0), bb.stride(1), bb.stride(2),
         KSPLIT=1, TOPK=k, ACT=act, HAS_BIAS=bias is not None, HAS_LORA=lora["S"] > 0,
-        FUSE=fuse, DOWN_SHRINK=down_in_gu, BLOCK_M=bm, EVEN_K=H % cfg["BLOCK_K"] == 0, **meta, **cfg)
+        FUSE=fuse, DOWN_SHRINK=down_in_gu, PREFETCH=_prefetch(bm, cfg["BLOCK_N"], meta["RP"]),
+        BLOCK_M=bm, EVEN_K=H % cfg["BLOCK_K"] == 0, **meta, **cfg)
 
 
 def _down(h, w2, bias, y, topk_w, rt, lora, ha, k, fuse, cfg, meta):
@@ -238,4 +245,5 @@ def _down(h, w2, bias, y, topk_w, rt, lora, ha, k, fuse, cfg, meta):
         h.stride(0), w2.stride(0), w2.stride(1), b.stride(0), y.stride(0), 0, ha.stride(0),
         a.stride(0), a.stride(1), a.stride(2), bb.stride(0), bb.stride(1), bb.stride(2),
         KSPLIT=1, TOPK=k, HAS_BIAS=bias is not None, HAS_LORA=lora["S"] > 0, FUSE=fuse,
+        PREFETCH=_prefetch(rt.block_m, cfg["BLOCK_N"], meta["RP"]),
         BLOCK_M=rt.block_m, EVEN_K=I % cfg["BLOCK_K"] == 0, **meta, **cfg)

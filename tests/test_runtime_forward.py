@@ -11,7 +11,7 @@ import pytest  # noqa: E402
 
 from runtime import LoraSlots, moe_lora_forward, moe_reference  # noqa: E402
 from runtime.errors import DtypeError, ShapeError  # noqa: E402
-from runtime import routing  # noqa: E402
+from runtime import ops, routing  # noqa: E402
 from runtime.routing import route  # noqa: E402
 from runtime.testing import random_adapter, random_layer, random_routing  # noqa: E402
 
@@ -186,6 +186,16 @@ def test_long_segments_and_many_runs(monkeypatch, mode):
     tl_ = torch.tensor([0] * 40 + [-1] * 10 + [1] * 30, dtype=torch.int32, device=DEV)
     monkeypatch.setenv("RELAYOUT_RUNTIME_CONFIG", json.dumps(
         {"BLOCK_M": 32, **mode, "shrink": {"BLOCK_M": 16, "BLOCK_K": 16, "SPLIT_K": 16}}))
+    out = moe_lora_forward(x, w13, w2, ids, wts, slots, tl_)
+    _close(out, moe_reference(x, w13, w2, ids, wts, adapters, tl_), 1e-4, 1e-4)
+
+
+@pytest.mark.parametrize("down_in_gate_up", [False, True])
+def test_without_prefetch(monkeypatch, down_in_gate_up):
+    # large BLOCK_M * rank configs expand every run after the K loop (no operand prefetch)
+    monkeypatch.setattr(ops, "PREFETCH_ELEMS", 0)
+    monkeypatch.setenv("RELAYOUT_RUNTIME_CONFIG", json.dumps({"DOWN_IN_GATE_UP": down_in_gate_up}))
+    x, w13, w2, _, _, ids, wts, slots, adapters, tl_ = _case(12, 48, 40, 5, 2, torch.float32)
     out = moe_lora_forward(x, w13, w2, ids, wts, slots, tl_)
     _close(out, moe_reference(x, w13, w2, ids, wts, adapters, tl_), 1e-4, 1e-4)
 
