@@ -23,7 +23,24 @@ def _forward_op(op: Op, tensors: Mapping[str, torch.Tensor], block: str) -> dict
     if op.diagonal is not None:
         y = _take_diagonal(y, op, block)
     parts = y.unbind(_axis_pos(_rhs_after_diag(op), op.split)) if op.split else [y] * len(op.targets)
-    return {t: p.contiguous() for t, p in zip(op.targets, parts)}
+    return {t: _contiguous(p) for t, p in zip(op.targets, parts)}
+
+
+def _contiguous(t: torch.Tensor) -> torch.Tensor:
+    """t.contiguous(), in two cheap passes on CPU when the innermost axis is strided in memory.
+
+    Rank-major PEFT B tensors ('(r e)' -> 'e ... r') put a small axis (r) innermost that is strided by E in
+    memory; torch's CPU copy gathers such a permutation element by element (~0.4 GB/s for bf16). Moving that
+    axis innermost first (a batched 2D transpose), then permuting whole rows, gives the same tensor ~4x faster.
+    """
+    if t.is_contiguous() or t.device.type != "cpu" or t.dim() < 2 or t.numel() < 1 << 16 \
+            or t.stride(-1) == 1 or 0 in t.stride():
+        return t.contiguous()
+    last = t.dim() - 1
+    memory_order = sorted(range(t.dim()), key=lambda d: (-t.stride(d), d))
+    q = [d for d in memory_order if d != last] + [last]
+    staged = t.permute(q).contiguous()  # input memory order, with the output's innermost axis moved innermost
+    return staged.permute([q.index(d) for d in range(t.dim())]).contiguous()
 
 
 def _rhs_after_diag(op: Op) -> str:
@@ -34,12 +51,12 @@ def _take_diagonal(y: torch.Tensor, op: Op, block: str) -> torch.Tensor:
     a, b = _axis_pos(op.rhs, op.diagonal[0]), _axis_pos(op.rhs, op.diagonal[1])
     moved = y.movedim((a, b), (0, 1))
     n = moved.shape[0]
-    off = moved.clone()
-    for k in range(n):
-        off[k, k].zero_()
-    if torch.count_nonzero(off):
+    off = [(k, j) for k in range(n) for j in range(n) if k != j]
+    # Views of the off-diagonal blocks, no copy; stops at the first non-zero block (a dense 3D adapter's first).
+    if any(bool(moved[k, j].any()) for k, j in off):
+        bad = sum(int(torch.count_nonzero(moved[k, j])) for k, j in off)
         raise RelayoutError(f"tensor '{block}{op.keys[0]}': not block-diagonal over ({op.diagonal[0]}, {op.diagonal[1]}): "
-                            f"{int(torch.count_nonzero(off))} non-zero values off the diagonal blocks")
+                            f"{bad} non-zero values off the diagonal blocks")
     return torch.stack([moved[k, k] for k in range(n)]).movedim(0, a)
 
 

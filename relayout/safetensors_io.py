@@ -112,7 +112,7 @@ class StreamWriter:
             raise RuntimeError(f"internal: {key!r} is {tensor.dtype} {list(tensor.shape)}, header says {dtype} {list(shape)}")
         data = tensor.detach().to("cpu").contiguous().view(-1)
         if data.numel():
-            self.file.write(data.view(torch.uint8).numpy().tobytes())
+            self.file.write(data.view(torch.uint8).numpy())  # the buffer itself: no bytes copy
         self.next += 1
 
     def close(self) -> None:
