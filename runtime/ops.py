@@ -6,7 +6,7 @@ import torch
 import triton
 
 from . import kernels, tuning
-from .errors import DeviceError, DtypeError, ShapeError
+from .errors import DeviceError, DtypeError, MoeLoraError, ShapeError
 from .routing import route
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -33,7 +33,7 @@ def _check_shape(name, t, shape):
 def _check_inputs(x, w13, w2, topk_ids, topk_weights, slots, token_lora, activation, w13_bias, w2_bias):
     """Validate shapes, dtypes and devices; return (T, H, I, E, k)."""
     if activation not in ACTIVATIONS:
-        raise ValueError(f"activation {activation!r}: expected one of {sorted(ACTIVATIONS)}")
+        raise MoeLoraError(f"activation {activation!r}: expected one of {sorted(ACTIVATIONS)}")
     _check_shape("x", x, (None, None))
     T, H = x.shape
     _check_shape("w13", w13, (None, None, H))
@@ -67,7 +67,7 @@ def _check_inputs(x, w13, w2, topk_ids, topk_weights, slots, token_lora, activat
 def _check_lora(slots, token_lora, T, E, H, I, dtype):
     """Slots and token_lora come together and match the layer."""
     if (slots is None) != (token_lora is None):
-        raise ValueError("slots and token_lora must be given together (or neither)")
+        raise MoeLoraError("slots and token_lora must be given together (or neither)")
     if slots is None:
         return
     _check_shape("token_lora", token_lora, (T,))

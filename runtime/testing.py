@@ -38,3 +38,27 @@ def random_adapter(E, H, I, rank, dtype, device, projs=("w1", "w3", "w2"), share
     if shared_a and "w1" in out and "w3" in out:
         out["w3"] = (out["w1"][0].clone(), out["w3"][1], out["w3"][2])
     return out
+
+
+def ensure_interpreter():
+    """Make the CPU interpreter work even if triton.language was imported before TRITON_INTERPRET=1.
+
+    Another test module importing peft/transformers loads triton first; its @triton.jit library
+    helpers (tl.sum, tl.zeros, tl.cumsum, ...) are then compiled-mode JITFunctions, which the
+    interpreter refuses to call from an interpreted kernel. Rewrap them once as interpreted ones.
+    The clean fix is TRITON_INTERPRET=1 in tests/conftest.py before anything imports triton.
+    """
+    import os
+
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    wrapped = {}
+    for mod in (tl, tl.core, tl.standard, tl.math):
+        for name, obj in list(vars(mod).items()):
+            if isinstance(obj, JITFunction):
+                wrapped.setdefault(id(obj), InterpretedFunction(obj.fn))
+                setattr(mod, name, wrapped[id(obj)])

@@ -13,9 +13,10 @@ from runtime import LoraSlots, moe_lora_forward, moe_reference  # noqa: E402
 from runtime.errors import DtypeError, ShapeError  # noqa: E402
 from runtime import ops, routing  # noqa: E402
 from runtime.routing import route  # noqa: E402
-from runtime.testing import random_adapter, random_layer, random_routing  # noqa: E402
+from runtime.testing import ensure_interpreter, random_adapter, random_layer, random_routing  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
+ensure_interpreter()  # no-op on CUDA
 
 # (dtype, atol, rtol): fp32 is exact math (ieee dots), fp16/bf16 round h and the LoRA shrink.
 DTYPES = [

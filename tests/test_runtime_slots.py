@@ -12,9 +12,10 @@ from safetensors.torch import save_file  # noqa: E402
 
 from runtime import LoraSlots, load_normalized_layer, moe_lora_forward, moe_reference  # noqa: E402
 from runtime.errors import AdapterError, NormalizedFormatError, SlotError  # noqa: E402
-from runtime.testing import random_adapter, random_layer, random_routing  # noqa: E402
+from runtime.testing import ensure_interpreter, random_adapter, random_layer, random_routing  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
+ensure_interpreter()  # no-op on CUDA
 T, H, I, E, K, R = 10, 32, 24, 4, 2, 8
 
 
