@@ -61,6 +61,9 @@ def _check_inputs(x, w13, w2, topk_ids, topk_weights, slots, token_lora, activat
     _check_lora(slots, token_lora, T, E, H, I, x.dtype)
     _check_devices(x, w13, w2, topk_ids, topk_weights, token_lora, w13_bias, w2_bias,
                    None if slots is None else slots.w1_a)
+    for name, t in (("w13", w13), ("w2", w2), ("w13_bias", w13_bias), ("w2_bias", w2_bias)):
+        if t is not None and t.stride(-1) != 1:
+            raise ShapeError(f"{name}: the last dim must be contiguous (stride 1), got strides {t.stride()}")
     return T, H, I, E, k
 
 
@@ -127,6 +130,8 @@ def moe_lora_forward(x, w13, w2, topk_ids, topk_weights, slots=None, token_lora=
         _check_shape("out", out, (T, H))
         if out.dtype != x.dtype or out.device != x.device:
             raise DtypeError(f"out: {out.dtype} on {out.device}, expected {x.dtype} on {x.device}")
+    x = x if x.stride(-1) == 1 else x.contiguous()  # small inputs: copy rather than refuse
+    token_lora = token_lora.contiguous() if token_lora is not None else None
     if T == 0:
         return out
     cfg = tuning.get_config(T, E, H, I, k, str(x.dtype).removeprefix("torch."), _device_name(x))

@@ -255,3 +255,14 @@ def test_input_errors():
         moe_lora_forward(x, w13, w2, ids, wts, slots, tl_[:2])
     with pytest.raises(ValueError, match="activation"):
         moe_lora_forward(x, w13, w2, ids, wts, activation="gelu")
+    with pytest.raises(ShapeError, match="contiguous"):
+        moe_lora_forward(x, w13, w2.transpose(1, 2).contiguous().transpose(1, 2), ids, wts)
+
+
+def test_strided_inputs():
+    # x and token_lora given as strided views give the same result as contiguous copies
+    x, w13, w2, _, _, ids, wts, slots, adapters, tl_ = _case(12, 48, 40, 5, 2, torch.float32)
+    xt = x.t().contiguous().t()  # column-major x
+    tl2 = torch.stack([tl_, tl_], dim=1)[:, 0]  # token_lora with stride 2
+    out = moe_lora_forward(xt, w13, w2, ids, wts, slots, tl2)
+    _close(out, moe_reference(x, w13, w2, ids, wts, adapters, tl_), 1e-4, 1e-4)
