@@ -49,6 +49,9 @@ def load_normalized_layer(path, layer, device=None, dtype=None):
             if name not in meta.get("scaling", {}):
                 raise NormalizedFormatError(f"{path}: no scaling for {name} in metadata")
             a, b = f.get_tensor(ka), f.get_tensor(kb)
+            rank = meta.get("rank", {}).get(name)
+            if rank is not None and (a.ndim != 3 or a.shape[1] != rank):
+                raise NormalizedFormatError(f"{path}: {ka} has shape {tuple(a.shape)}, metadata rank is {rank}")
             if device is not None or dtype is not None:
                 a, b = a.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype)
             out[proj] = (a, b, float(meta["scaling"][name]))

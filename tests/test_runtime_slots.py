@@ -152,3 +152,9 @@ def test_normalized_errors(tmp_path):
     save_file(tensors, str(half), metadata=meta)
     with pytest.raises(NormalizedFormatError, match="w3.lora_b missing"):
         load_normalized_layer(half, 0)
+    meta = json.loads(meta["relayout"])
+    for broken, match in ((dict(meta, scaling={}), "no scaling"),
+                          (dict(meta, rank={**meta["rank"], "layers.0.w1": 3}), "metadata rank is 3")):
+        save_file(tensors, str(half), metadata={"relayout": json.dumps(broken)})
+        with pytest.raises(NormalizedFormatError, match=match):
+            load_normalized_layer(half, 0)
