@@ -1,4 +1,10 @@
-"""Shared pytest configuration for the relayout tests."""
+"""Shared pytest configuration: the Triton interpreter on machines without CUDA, and the slow marker."""
+import os
+
+import torch
+
+if not torch.cuda.is_available():  # before any test module (or peft, via transformers) imports triton
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_configure(config):
