@@ -18,7 +18,7 @@ from relayout.execute import forward, inverse
 from relayout.outputs import (FORMATS, LATEST_PEFT, TargetBlock, normalized_shapes, output_specs, peft_config,
                               plan_target, projection_scaling, shares_gate_up_a)
 from relayout.ruleset import load_rules
-from relayout.safetensors_io import StreamWriter
+from relayout.safetensors_io import StreamWriter, read_tensor
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 NORMALIZED_FILE = "adapter_normalized.safetensors"
@@ -68,8 +68,8 @@ def _shared(adapter: Adapter, block: Block) -> bool:
     if not {"gate", "up"} <= set(block.plan.units):
         return False
     a = {op.targets[0]: op.keys for op in block.plan.ops if op.targets[0] in ("w1.lora_a", "w3.lora_a")}
-    return all(torch.equal(adapter.load(block.keys[g]), adapter.load(block.keys[u]))
-               for g, u in zip(a["w1.lora_a"], a["w3.lora_a"]))
+    read = lambda rel: read_tensor(adapter.tensors[block.keys[rel]])  # noqa: E731 (the main pass checks values)
+    return all(torch.equal(read(g), read(u)) for g, u in zip(a["w1.lora_a"], a["w3.lora_a"]))
 
 
 def _normalized_metadata(loaded: Loaded) -> dict[str, str]:
@@ -104,10 +104,11 @@ def _write(loaded: Loaded, targets: list[TargetBlock], file: Path, device: torch
         specs[prefix + key] = (out_dtype if info.dtype.is_floating_point else info.dtype, info.shape)
     writer = StreamWriter(file, specs, metadata)
     try:
-        active = 0
+        active = False
         for target in targets:
-            normalized = forward(target.block.plan, _load_block(adapter, target.block, device), target.prefix)
-            active += _active_projections(normalized)
+            normalized = forward(target.block.plan, _load_block(adapter, target.block, device), target.prefix,
+                                 fresh=False)
+            active = active or _any_active(normalized)
             outputs = normalized if target.plan is None else inverse(target.plan, normalized, target.prefix)
             for key in output_specs(target, out_dtype):
                 writer.write(key, outputs[key.removeprefix(target.prefix)].to(out_dtype))
@@ -117,14 +118,16 @@ def _write(loaded: Loaded, targets: list[TargetBlock], file: Path, device: torch
             writer.write(prefix + key, tensor.to(out_dtype) if tensor.is_floating_point() else tensor)
     finally:
         writer.file.close()
+    writer.close()  # every header entry was written
     if not active:
         raise RelayoutError(f"{adapter.path}: every expert LoRA is zero (lora_A or lora_B all zeros in every block): "
                             f"the converted adapter would change nothing")
 
 
-def _active_projections(normalized: dict[str, torch.Tensor]) -> int:
-    projections = {t.split(".")[0] for t in normalized}
-    return sum(bool(normalized[f"{p}.lora_a"].any() and normalized[f"{p}.lora_b"].any()) for p in projections)
+def _any_active(normalized: dict[str, torch.Tensor]) -> bool:
+    """Whether some projection of a block has both factors non-zero (it changes the model)."""
+    projections = dict.fromkeys(t.split(".")[0] for t in normalized)
+    return any(bool(normalized[f"{p}.lora_a"].any() and normalized[f"{p}.lora_b"].any()) for p in projections)
 
 
 def _prepare_out(out: Path, source: Path, force: bool) -> Path:

@@ -9,6 +9,7 @@ from pathlib import Path
 from relayout.adapter import PEFT_PREFIX, Adapter
 from relayout.compiler import Plan, compile_plan, count_experts, render_keys
 from relayout.errors import RelayoutError
+from relayout.safetensors_io import read_tensor
 from relayout.rule import Layout, Rule
 from relayout.ruleset import RuleSet
 
@@ -224,11 +225,13 @@ def _version_fits(rule: Rule, adapter: Adapter, block: Block) -> bool:
 
 
 def _is_block_diagonal(adapter: Adapter, block_keys: dict[str, str], plan: Plan) -> bool:
-    from relayout.execute import forward  # local: detection only loads data for this one check
+    """Whether the block's data fit the plan's diagonal op (reads only that op's tensors)."""
+    from relayout.execute import forward_op  # local: detection reads data for this one check only
 
-    tensors = {k: adapter.load(block_keys[k]) for k in plan.source_keys}
+    op = next(op for op in plan.ops if op.diagonal)
+    tensors = {k: read_tensor(adapter.tensors[block_keys[k]]) for k in op.keys}
     try:
-        forward(plan, tensors)
+        forward_op(op, tensors, fresh=False)
     except RelayoutError:
         return False
     return True

@@ -14,7 +14,8 @@ def _axis_pos(side: str, axis: str) -> int:
     return side.split().index(axis)
 
 
-def _forward_op(op: Op, tensors: Mapping[str, torch.Tensor], block: str) -> dict[str, torch.Tensor]:
+def forward_op(op: Op, tensors: Mapping[str, torch.Tensor], block: str = "", fresh: bool = True) -> dict[str, torch.Tensor]:
+    """One op: its source tensor(s) -> its targets. fresh: outputs never share memory with inputs or each other."""
     sources = [tensors[k] for k in op.keys]
     x = torch.stack(sources) if op.stacked else sources[0]
     sizes = dict(op.sizes)
@@ -23,7 +24,14 @@ def _forward_op(op: Op, tensors: Mapping[str, torch.Tensor], block: str) -> dict
     if op.diagonal is not None:
         y = _take_diagonal(y, op, block)
     parts = y.unbind(_axis_pos(_rhs_after_diag(op), op.split)) if op.split else [y] * len(op.targets)
-    return {t: _contiguous(p) for t, p in zip(op.targets, parts)}
+    out = {t: _contiguous(p) for t, p in zip(op.targets, parts)}
+    if fresh:
+        taken = {src.untyped_storage().data_ptr() for src in sources}
+        for t, value in out.items():
+            if value.untyped_storage().data_ptr() in taken:
+                out[t] = value = value.clone()
+            taken.add(value.untyped_storage().data_ptr())
+    return out
 
 
 def _contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -60,12 +68,16 @@ def _take_diagonal(y: torch.Tensor, op: Op, block: str) -> torch.Tensor:
     return torch.stack([moved[k, k] for k in range(n)]).movedim(0, a)
 
 
-def forward(plan: Plan, tensors: Mapping[str, torch.Tensor], block: str = "") -> dict[str, torch.Tensor]:
-    """Source tensors of one block (relative keys) -> normalized targets ('w1.lora_a', ...), on their device."""
+def forward(plan: Plan, tensors: Mapping[str, torch.Tensor], block: str = "", fresh: bool = True) -> dict[str, torch.Tensor]:
+    """Source tensors of one block (relative keys) -> normalized targets ('w1.lora_a', ...), on their device.
+
+    fresh=False lets targets share memory with the sources and with each other (gate and up of a shared A):
+    for callers that only read the result, such as a writer.
+    """
     out: dict[str, torch.Tensor] = {}
     try:
         for op in plan.ops:
-            out.update(_forward_op(op, tensors, block))
+            out.update(forward_op(op, tensors, block, fresh))
     except RelayoutError as exc:
         raise RelayoutError(f"{plan.file}: rule {plan.rule}, layout {plan.layout}: {exc}") from None
     return out
