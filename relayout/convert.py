@@ -72,6 +72,21 @@ def _shared(adapter: Adapter, block: Block) -> bool:
     return all(torch.equal(read(g), read(u)) for g, u in zip(a["w1.lora_a"], a["w3.lora_a"]))
 
 
+def iter_normalized(loaded: Loaded, device: str = "cpu", dtype: str | None = None):
+    """Yield (layer, {proj: (lora_a, lora_b, scaling)}) block by block, in memory: what runtime.LoraSlots.load takes.
+
+    proj is w1 (gate), w3 (up), w2 (down); lora_a (E, r, in), lora_b (E, out, r); scaling is not folded in.
+    """
+    if dtype is not None and dtype not in DTYPES:
+        raise RelayoutError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    for block in loaded.detected.blocks:
+        normalized = forward(block.plan, _load_block(loaded.adapter, block, torch.device(device)))
+        if dtype is not None:
+            normalized = {k: v.to(DTYPES[dtype]) for k, v in normalized.items()}
+        scales = projection_scaling(block)
+        yield block.layer, {p: (normalized[f"{p}.lora_a"], normalized[f"{p}.lora_b"], scales[p]) for p in scales}
+
+
 def _normalized_metadata(loaded: Loaded) -> dict[str, str]:
     det = loaded.detected
     first = det.blocks[0].plan
