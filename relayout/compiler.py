@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 
 from relayout.errors import RelayoutError
+from relayout.patterns import parse
 from relayout.rule import NORMALIZED, Layout, Rule, TensorRule
 
 GLOBAL_AXES = ("e", "h", "i")  # shared by every unit of a block; any other undeclared axis is local to its unit
@@ -28,25 +29,9 @@ class Op:
 
     @property
     def source_shape(self) -> tuple[int, ...]:
+        """Shape of the source tensor (of the stack, for per-expert keys)."""
         sizes = dict(self.sizes)
-        dims = [d.strip("()").split() for d in _dims(self.lhs)]
-        return tuple(math.prod(sizes.get(a, 1) if a != "1" else 1 for a in d) for d in dims)
-
-
-def _dims(side: str) -> list[str]:
-    out, depth, cur = [], 0, ""
-    for ch in side + " ":
-        if ch == "(":
-            depth += 1
-        elif ch == ")":
-            depth -= 1
-        if ch == " " and depth == 0:
-            if cur:
-                out.append(cur)
-            cur = ""
-        else:
-            cur += ch
-    return out
+        return tuple(math.prod(sizes[a] for a in dim if a != "1") for dim in parse(f"{self.lhs} -> {self.rhs}").lhs.dims)
 
 
 @dataclass(frozen=True)
