@@ -26,10 +26,24 @@ class Adapter:
     config: dict
     tensors: dict[str, TensorInfo]
     metadata: dict[str, str] = field(default_factory=dict)
+    _handles: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def read(self, key: str) -> torch.Tensor:
+        """Read one tensor as stored, through one open handle per shard (see close())."""
+        info = self.tensors[key]
+        if info.file not in self._handles:
+            self._handles[info.file] = info.file.open("rb")
+        return read_tensor(info, self._handles[info.file])
+
+    def close(self) -> None:
+        """Close the shard files read() opened; a later read() opens them again."""
+        for handle in self._handles.values():
+            handle.close()
+        self._handles.clear()
 
     def load(self, key: str) -> torch.Tensor:
         """Read one tensor; NaN or Inf values are an error naming the key."""
-        tensor = read_tensor(self.tensors[key])
+        tensor = self.read(key)
         if tensor.is_floating_point() and tensor.numel():
             low, high = torch.aminmax(tensor)  # NaN propagates and +-Inf is an extreme: exact, and ~20x faster
             if not (torch.isfinite(low) and torch.isfinite(high)):  # than isfinite().all() on bf16

@@ -18,7 +18,7 @@ from relayout.execute import forward, inverse
 from relayout.outputs import (FORMATS, LATEST_PEFT, TargetBlock, normalized_shapes, output_specs, peft_config,
                               plan_target, projection_scaling, shares_gate_up_a)
 from relayout.ruleset import load_rules
-from relayout.safetensors_io import StreamWriter, read_tensor
+from relayout.safetensors_io import StreamWriter
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 NORMALIZED_FILE = "adapter_normalized.safetensors"
@@ -36,7 +36,10 @@ def load_adapter(path: str | Path, arch: str | None = None, model_config: str | 
                  layout: str | None = None, rules: list[str | Path] = ()) -> Loaded:
     """Open an adapter folder and detect its architecture and per-block layouts (loads no tensor data)."""
     adapter = read_adapter(path)
-    return Loaded(adapter, detect(load_rules(rules), adapter, arch, model_config, layout))
+    try:
+        return Loaded(adapter, detect(load_rules(rules), adapter, arch, model_config, layout))
+    finally:
+        adapter.close()
 
 
 class _Progress:
@@ -68,7 +71,7 @@ def _shared(adapter: Adapter, block: Block) -> bool:
     if not {"gate", "up"} <= set(block.plan.units):
         return False
     a = {op.targets[0]: op.keys for op in block.plan.ops if op.targets[0] in ("w1.lora_a", "w3.lora_a")}
-    read = lambda rel: read_tensor(adapter.tensors[block.keys[rel]])  # noqa: E731 (the main pass checks values)
+    read = lambda rel: adapter.read(block.keys[rel])  # noqa: E731 (the main pass checks the values)
     return all(torch.equal(read(g), read(u)) for g, u in zip(a["w1.lora_a"], a["w3.lora_a"]))
 
 
@@ -79,12 +82,15 @@ def iter_normalized(loaded: Loaded, device: str = "cpu", dtype: str | None = Non
     """
     if dtype is not None and dtype not in DTYPES:
         raise RelayoutError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    for block in loaded.detected.blocks:
-        normalized = forward(block.plan, _load_block(loaded.adapter, block, torch.device(device)))
-        if dtype is not None:
-            normalized = {k: v.to(DTYPES[dtype]) for k, v in normalized.items()}
-        scales = projection_scaling(block)
-        yield block.layer, {p: (normalized[f"{p}.lora_a"], normalized[f"{p}.lora_b"], scales[p]) for p in scales}
+    try:
+        for block in loaded.detected.blocks:
+            normalized = forward(block.plan, _load_block(loaded.adapter, block, torch.device(device)))
+            if dtype is not None:
+                normalized = {k: v.to(DTYPES[dtype]) for k, v in normalized.items()}
+            scales = projection_scaling(block)
+            yield block.layer, {p: (normalized[f"{p}.lora_a"], normalized[f"{p}.lora_b"], scales[p]) for p in scales}
+    finally:
+        loaded.adapter.close()
 
 
 def _normalized_metadata(loaded: Loaded) -> dict[str, str]:
@@ -194,4 +200,6 @@ def convert(adapter: str | Path | Loaded, out: str | Path, to: str, *, arch: str
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
         raise
+    finally:
+        loaded.adapter.close()
     return out

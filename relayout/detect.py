@@ -9,7 +9,6 @@ from pathlib import Path
 from relayout.adapter import PEFT_PREFIX, Adapter
 from relayout.compiler import Plan, compile_plan, count_experts, render_keys
 from relayout.errors import RelayoutError
-from relayout.safetensors_io import read_tensor
 from relayout.rule import Layout, Rule
 from relayout.ruleset import RuleSet
 
@@ -229,7 +228,7 @@ def _is_block_diagonal(adapter: Adapter, block_keys: dict[str, str], plan: Plan)
     from relayout.execute import forward_op  # local: detection reads data for this one check only
 
     op = next(op for op in plan.ops if op.diagonal)
-    tensors = {k: read_tensor(adapter.tensors[block_keys[k]]) for k in op.keys}
+    tensors = {k: adapter.read(block_keys[k]) for k in op.keys}
     try:
         forward_op(op, tensors, fresh=False)
     except RelayoutError:

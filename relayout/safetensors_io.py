@@ -6,6 +6,7 @@ import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -75,14 +76,19 @@ def _info(path: Path, key: str, entry: dict, base: int, size: int) -> TensorInfo
     return TensorInfo(path, dtype, shape, base + begin, base + end)
 
 
-def read_tensor(info: TensorInfo) -> torch.Tensor:
-    """Read one tensor into fresh memory (no mmap: memory stays bounded by what the caller holds)."""
+def read_tensor(info: TensorInfo, handle: BinaryIO | None = None) -> torch.Tensor:
+    """Read one tensor into fresh memory (no mmap: memory stays bounded by what the caller holds).
+
+    handle: an open binary file of info.file to read through (saves an open per tensor); else one is opened.
+    """
+    if handle is None:
+        with info.file.open("rb") as f:
+            return read_tensor(info, f)
     out = torch.empty(info.shape, dtype=info.dtype)
-    with info.file.open("rb") as f:
-        f.seek(info.start)
-        view = out.view(-1).view(torch.uint8).numpy() if out.numel() else None
-        if view is not None and f.readinto(view) != info.nbytes:
-            raise RelayoutError(f"{info.file}: truncated while reading {info.shape} at byte {info.start}")
+    handle.seek(info.start)
+    view = out.view(-1).view(torch.uint8).numpy() if out.numel() else None
+    if view is not None and handle.readinto(view) != info.nbytes:
+        raise RelayoutError(f"{info.file}: truncated while reading {info.shape} at byte {info.start}")
     return out
 
 
