@@ -6,7 +6,7 @@ logits -> softmax -> top-k -> renorm), T in {1 .. 8192}, 1/4/16 adapters round-r
 (triton.testing.do_bench), median; eager time too; floors from the copy bandwidth and the
 8192^3 bf16 matmul rate measured in the same run; outputs NaN-poisoned before the checks.
 
-    PYTHONUNBUFFERED=1 python3 benchmarks/bench_runtime.py [--sweep] [--passes 2] [--out DIR]
+    PYTHONUNBUFFERED=1 python3 benchmarks/bench_runtime.py [--sweep] [--autotune 8,8192] [--passes 2] [--out DIR]
 """
 import argparse
 import json
@@ -220,6 +220,83 @@ def run_sweep(w13, w2, lora, out_dir, log):
     tuning._table.cache_clear()
 
 
+# ----------------------------------------------------------------------------- autotune (pins)
+# greedy: each pin merged on top of the best so far, kept if it is > 1.5% faster (graph time)
+BASE_PINS = {
+    512: [{"SUM_IN_DOWN": True}],
+    2048: [{"SUM_IN_DOWN": True},
+           {"down": dict(BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)},
+           {"down": dict(BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3)},
+           {"down": dict(BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3)}],
+    8192: [{"SUM_IN_DOWN": True},
+           {"down": dict(BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)},
+           {"down": dict(BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=3)},
+           {"down": dict(BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3)},
+           {"down": dict(BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3)},
+           {"gate_up": dict(BLOCK_K=64, num_stages=3)}],
+}
+LORA_PINS = [{"GROUP_K": 0}]  # against the default grouped expand (GROUP_K 64)
+
+
+def _deep(base, pin):
+    out = json.loads(json.dumps(base))
+    for key, val in pin.items():
+        if isinstance(val, dict):
+            out.setdefault(key, {}).update(val)
+        else:
+            out[key] = val
+    return out
+
+
+def autotune(ts, w13, w2, lora, out_dir, log):
+    path = Path(__file__).resolve().parents[1] / "runtime" / "configs" / "h200.json"
+    data = json.loads(path.read_text())
+    key = tuning.shape_key(E, H, I, K, "bfloat16")
+    table = data[key]
+    for T in ts:
+        x, ids, wts = make_inputs(T, seed=T)
+        entry = table[str(T)]
+
+        def timed(trial, case):
+            os.environ[tuning.ENV] = json.dumps(trial)
+            try:
+                if case is None:
+                    return time_ms(lambda: moe_lora_forward(x, w13, w2, ids, wts), rep=60)
+                slots, _, tl_ = lora(T, *case)
+                return time_ms(lambda: moe_lora_forward(x, w13, w2, ids, wts, slots, tl_), rep=60)
+            except Exception as exc:  # a config that does not compile or fit is skipped
+                log.write(f"autotune T={T} {json.dumps(trial)} failed: {exc!r}\n")
+                return float("inf")
+            finally:
+                os.environ.pop(tuning.ENV, None)
+
+        best = timed(entry, None)
+        line = f"autotune T={T} base {best:.4f}"
+        for pin in BASE_PINS.get(T, []):
+            trial = _deep(entry, pin)
+            t = timed(trial, None)
+            line += f" | {json.dumps(pin)} {t:.4f}"
+            if t < best * 0.985:
+                best, entry = t, trial
+        if T > 1:
+            cost = lambda e: timed(e, (4, 16)) * timed(e, (16, 64))  # noqa: E731
+            cur = cost(entry)
+            line += f" | lora {json.dumps({'GROUP_K': entry.get('GROUP_K', 64)})} {cur:.5f}"
+            for pin in LORA_PINS:
+                trial = _deep(entry, pin)
+                t = cost(trial)
+                line += f" | lora {json.dumps(pin)} {t:.5f}"
+                if t < cur * 0.97:
+                    cur, entry = t, trial
+        table[str(T)] = entry
+        log.write(line + "\n")
+        print(line, flush=True)
+    text = json.dumps(data, indent=1, sort_keys=True)
+    path.write_text(text)
+    (out_dir / "h200.json").write_text(text)
+    tuning._table.cache_clear()
+
+
 # ----------------------------------------------------------------------------- main
 def main():
     ap = argparse.ArgumentParser()
@@ -230,6 +307,7 @@ def main():
     ap.add_argument("--cases", default=";".join(f"{a}x{r}" for a, r in LORA_CASES))
     ap.add_argument("--fuse-probe", action="store_true", help="time FUSE on/off at T <= 128")
     ap.add_argument("--probe", action="store_true", help="time alternative BLOCK_M / routing paths")
+    ap.add_argument("--autotune", default="", help="T values to autotune from BASE_PINS / LORA_PINS, e.g. 8,8192")
     ap.add_argument("--profile", default="", help="T values to profile per kernel, e.g. 1,128,8192")
     args = ap.parse_args()
     out_dir = Path(args.out)
@@ -256,6 +334,10 @@ def main():
         run_sweep(w13, w2, lora, out_dir, log)
         print(f"sweep took {time.time() - t0:.0f} s", flush=True)
 
+    if args.autotune:
+        t0 = time.time()
+        autotune([int(t) for t in args.autotune.split(",")], w13, w2, lora, out_dir, log)
+        print(f"autotune took {time.time() - t0:.0f} s", flush=True)
     if args.fuse_probe:
         fuse_probe(w13, w2, lora, log)
     if args.probe:

@@ -328,6 +328,33 @@ def _load_run(sh_ptrs, b_base, sel, on, n, n_ok, R, stride_bn, RP: tl.constexpr)
 
 
 @triton.jit
+def _load_group(rowp, run, slot, j0, present_ptr, scale_ptr, b_ptr, e, stride_bs, stride_bse,
+                n, n_ok, R, stride_bn, stride_k, PROJ: tl.constexpr, KSPLIT: tl.constexpr,
+                RG: tl.constexpr, RP: tl.constexpr):
+    """Operands of runs j0 .. j0+RG-1 as ONE dot of K = RG*RP (no serial per-run dots):
+    v (BLOCK_M, RG*RP) fp32, row i's shrink (already scaled) in the columns of its run, 0 elsewhere;
+    b (RG*RP, BLOCK_N), the B^T of each column's run slot stacked. rowp: per-row pointer to the row's
+    shrink columns of this projection. Absent runs / projections load nothing (masked)."""
+    c = tl.arange(0, RG * RP)
+    cj = j0 + c // RP
+    cr = c % RP
+    m = run[:, None] == cj[None, :]
+    sj = tl.max(tl.where(m, slot[:, None], -1), axis=0)
+    sjc = tl.maximum(sj, 0)
+    on = (sj >= 0) & (cr < R)
+    on = on & (tl.load(present_ptr + sjc * 3 + PROJ, mask=on, other=0) != 0)
+    scale = tl.load(scale_ptr + sjc * 3 + PROJ, mask=on, other=0.0)
+    vm = m & on[None, :]
+    v = tl.load(rowp[:, None] + cr[None, :], mask=vm, other=0.0)
+    for ks in range(1, KSPLIT):
+        v += tl.load(rowp[:, None] + ks * stride_k + cr[None, :], mask=vm, other=0.0)
+    v = v * scale[None, :]
+    b = tl.load(b_ptr + sjc.to(tl.int64)[:, None] * stride_bs + e.to(tl.int64) * stride_bse
+                + n[None, :] * stride_bn + cr[:, None], mask=on[:, None] & n_ok[None, :], other=0.0)
+    return v, b
+
+
+@triton.jit
 def _run_slot(run, slot, j, present_ptr, PROJ: tl.constexpr):
     """Rows of run j, its slot (0 when the block has no run j) and whether it adapts PROJ."""
     sel = run == j
@@ -376,7 +403,7 @@ def gate_up_kernel(
     # meta
     KSPLIT: tl.constexpr, TOPK: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_LORA: tl.constexpr, FUSE: tl.constexpr, DOWN_SHRINK: tl.constexpr, PREFETCH: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    RG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     RP: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
 ):
     pid_m, pid_n = _swizzle(tl.program_id(0), NB_MAX, tl.cdiv(I, BLOCK_N), GROUP_M)
@@ -407,6 +434,15 @@ def gate_up_kernel(
         au_ptrs = w3a_ptr + a_off
         ag_on = ((r < R) & ((r * 0 + g_on.to(tl.int32)) != 0))[None, :]
         au_on = ((r < R) & ((r * 0 + (u_on & (sh0 == 0)).to(tl.int32)) != 0))[None, :]
+    elif HAS_LORA and RG > 0:  # grouped expand: RG runs per dot
+        run, nruns = _block_runs(sorted_ids_ptr, token_lora_ptr, rows, slot, pid_m, P, S, TOPK, BLOCK_M)
+        gp = xa_ptr + rows * stride_xam
+        up = gp + RP * (1 - tl.load(shared_ptr + tl.maximum(slot, 0)))
+        if PREFETCH:  # the first group's operands load while the K loop streams weights
+            vg0, bg0 = _load_group(gp, run, slot, 0, present_ptr, scale_ptr, w1b_ptr, e, stride_bs, stride_bse,
+                                   n, n_ok, R, stride_bn, stride_xak, 0, KSPLIT, RG, RP)
+            vu0, bu0 = _load_group(up, run, slot, 0, present_ptr, scale_ptr, w3b_ptr, e, stride_bs, stride_bse,
+                                   n, n_ok, R, stride_bn, stride_xak, 1, KSPLIT, RG, RP)
     elif HAS_LORA:
         run, nruns = _block_runs(sorted_ids_ptr, token_lora_ptr, rows, slot, pid_m, P, S, TOPK, BLOCK_M)
         xa_ptrs = xa_ptr + rows[:, None] * stride_xam + r[None, :]
@@ -466,6 +502,19 @@ def gate_up_kernel(
                                 n, n_ok, R, stride_bn, RP, UPCAST, PREC)
             acc_u = _expand_reg(acc_u, xu, sel, u_on, tl.load(scale_ptr + s * 3 + 1), w3b_ptr + bs,
                                 n, n_ok, R, stride_bn, RP, UPCAST, PREC)
+    elif HAS_LORA and RG > 0:
+        j0 = 0
+        if PREFETCH:
+            acc_g = _dot(vg0.to(bg0.dtype), bg0, acc_g, UPCAST, PREC)
+            acc_u = _dot(vu0.to(bu0.dtype), bu0, acc_u, UPCAST, PREC)
+            j0 = RG
+        for j in range(j0, nruns, RG):
+            vg, bg = _load_group(gp, run, slot, j, present_ptr, scale_ptr, w1b_ptr, e, stride_bs, stride_bse,
+                                 n, n_ok, R, stride_bn, stride_xak, 0, KSPLIT, RG, RP)
+            vu, bu = _load_group(up, run, slot, j, present_ptr, scale_ptr, w3b_ptr, e, stride_bs, stride_bse,
+                                 n, n_ok, R, stride_bn, stride_xak, 1, KSPLIT, RG, RP)
+            acc_g = _dot(vg.to(bg.dtype), bg, acc_g, UPCAST, PREC)
+            acc_u = _dot(vu.to(bu.dtype), bu, acc_u, UPCAST, PREC)
     elif HAS_LORA:
         j0 = 0
         if PREFETCH:
@@ -503,7 +552,7 @@ def down_kernel(
     h_ptr,  # (M_MAX, I) by sorted row
     w2_ptr,  # (E, H, I)
     b2_ptr,  # (E, H) bias (read only if HAS_BIAS)
-    y_ptr,  # (P, H) out: topk_weight * expert output per (token, k) pair
+    y_ptr,  # (P, H) out: topk_weight * expert output per (token, k) pair; ATOMIC_SUM: (T, H) fp32 += it
     topk_w_ptr,  # (P,) router weights
     sorted_ids_ptr,  # (M_MAX,) int32
     block_expert_ptr,  # (NB_MAX,) int32
@@ -520,7 +569,7 @@ def down_kernel(
     stride_as, stride_ae, stride_ar, stride_bs, stride_bse, stride_bn,
     # meta
     KSPLIT: tl.constexpr, TOPK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
-    FUSE: tl.constexpr, PREFETCH: tl.constexpr,
+    FUSE: tl.constexpr, PREFETCH: tl.constexpr, RG: tl.constexpr, ATOMIC_SUM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     RP: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
 ):
@@ -545,6 +594,12 @@ def down_kernel(
         a_off = s0.to(tl.int64) * stride_as + e.to(tl.int64) * stride_ae + r[None, :] * stride_ar + kk[:, None]
         a_ptrs = w2a_ptr + a_off
         a_on = ((r < R) & ((r * 0 + d_on.to(tl.int32)) != 0))[None, :]
+    elif HAS_LORA and RG > 0:  # grouped expand: RG runs per dot
+        run, nruns = _block_runs(sorted_ids_ptr, token_lora_ptr, rows, slot, pid_m, P, S, TOPK, BLOCK_M)
+        dp = ha_ptr + rows * stride_ham
+        if PREFETCH:
+            vd0, bd0 = _load_group(dp, run, slot, 0, present_ptr, scale_ptr, w2b_ptr, e, stride_bs, stride_bse,
+                                   n, n_ok, R, stride_bn, stride_hak, 2, KSPLIT, RG, RP)
     elif HAS_LORA:
         run, nruns = _block_runs(sorted_ids_ptr, token_lora_ptr, rows, slot, pid_m, P, S, TOPK, BLOCK_M)
         ha_ptrs = ha_ptr + rows[:, None] * stride_ham + r[None, :]
@@ -583,6 +638,15 @@ def down_kernel(
             bs = s.to(tl.int64) * stride_bs + e.to(tl.int64) * stride_bse
             acc = _expand_reg(acc, hs, sel, d_on, tl.load(scale_ptr + s * 3 + 2), w2b_ptr + bs,
                               n, n_ok, R, stride_bn, RP, UPCAST, PREC)
+    elif HAS_LORA and RG > 0:
+        j0 = 0
+        if PREFETCH:
+            acc = _dot(vd0.to(bd0.dtype), bd0, acc, UPCAST, PREC)
+            j0 = RG
+        for j in range(j0, nruns, RG):
+            vd, bd = _load_group(dp, run, slot, j, present_ptr, scale_ptr, w2b_ptr, e, stride_bs, stride_bse,
+                                 n, n_ok, R, stride_bn, stride_hak, 2, KSPLIT, RG, RP)
+            acc = _dot(vd.to(bd.dtype), bd, acc, UPCAST, PREC)
     elif HAS_LORA:
         j0 = 0
         if PREFETCH:
@@ -597,5 +661,9 @@ def down_kernel(
         acc += tl.load(b2_ptr + e.to(tl.int64) * stride_be + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     wt = tl.load(topk_w_ptr + ids, mask=valid, other=0.0).to(tl.float32)
     acc = acc * wt[:, None]
-    y_ptrs = y_ptr + ids.to(tl.int64)[:, None] * stride_ym + n[None, :]
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=valid[:, None] & n_ok[None, :])
+    if ATOMIC_SUM:  # the sum over k here: y (T, H) fp32, zeroed; += per (token, k) pair
+        y_ptrs = y_ptr + tok.to(tl.int64)[:, None] * stride_ym + n[None, :]
+        tl.atomic_add(y_ptrs, acc, mask=valid[:, None] & n_ok[None, :], sem="relaxed")
+    else:
+        y_ptrs = y_ptr + ids.to(tl.int64)[:, None] * stride_ym + n[None, :]
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=valid[:, None] & n_ok[None, :])

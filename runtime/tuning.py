@@ -32,8 +32,11 @@ def default_config(num_tokens, num_experts, top_k):
     # experts are active: every N tile re-reads the adapter's A from L2 (measured on the H200)
     # DOWN_IN_GATE_UP: down shrink in the gate/up epilogue (one launch less): wins while blocks
     # hold few adapter runs (T <= 32 on the H200 at E=128, k=8), loses beyond
+    # GROUP_K: the LoRA expand of a block's adapter runs as dots of K = GROUP_K (GROUP_K // rank runs
+    # each, one-hot columns) instead of one masked dot per run; 0 = one dot per run
+    # SUM_IN_DOWN: the down kernel adds into a zeroed fp32 (T, H) with atomics (no sum-over-k pass)
     return {"gate_up": gu, "down": dn, "shrink": shrink, "FUSE": rows <= 0.125,
-            "DOWN_IN_GATE_UP": rows <= 2}
+            "DOWN_IN_GATE_UP": rows <= 2, "GROUP_K": 64, "SUM_IN_DOWN": False}
 
 
 def shape_key(num_experts, hidden, inter, top_k, dtype_name):
@@ -51,9 +54,11 @@ def _table(device_name):
 def _merge(base, override):
     """Flat keys apply to every kernel they name; nested 'gate_up'/'down'/'shrink' win."""
     out = {kern: (dict(cfg) if isinstance(cfg, dict) else cfg) for kern, cfg in base.items()}
-    for flag in ("FUSE", "DOWN_IN_GATE_UP"):
+    for flag in ("FUSE", "DOWN_IN_GATE_UP", "SUM_IN_DOWN"):
         if flag in override:
             out[flag] = bool(override[flag])
+    if "GROUP_K" in override:
+        out["GROUP_K"] = int(override["GROUP_K"])
     for kern, keys in (("gate_up", GATE_UP_KEYS), ("down", DOWN_KEYS), ("shrink", SHRINK_KEYS)):
         out[kern].update({k: v for k, v in override.items() if k in keys})
         out[kern].update(override.get(kern, {}))
