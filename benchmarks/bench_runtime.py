@@ -222,20 +222,11 @@ def run_sweep(w13, w2, lora, out_dir, log):
 
 # ----------------------------------------------------------------------------- autotune (pins)
 # greedy: each pin merged on top of the best so far, kept if it is > 1.5% faster (graph time)
-BASE_PINS = {
-    512: [{"SUM_IN_DOWN": True}],
-    2048: [{"SUM_IN_DOWN": True},
-           {"down": dict(BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)},
-           {"down": dict(BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3)},
-           {"down": dict(BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3)}],
-    8192: [{"SUM_IN_DOWN": True},
-           {"down": dict(BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)},
-           {"down": dict(BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=3)},
-           {"down": dict(BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3)},
-           {"down": dict(BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3)},
-           {"gate_up": dict(BLOCK_K=64, num_stages=3)}],
+BASE_PINS = {  # run 6 (2026-11-28) tried SUM_IN_DOWN at 512..8192 and 4 down / 1 gate_up configs at 2048/8192
+    8192: [{"down": dict(BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3)},
+           {"down": {"GROUP_M": 32}}],
 }
-LORA_PINS = [{"GROUP_K": 0}]  # against the default grouped expand (GROUP_K 64)
+LORA_PINS = [{"GROUP_K": 64}]  # grouped expand against the default (one dot per run)
 
 
 def _deep(base, pin):
@@ -281,7 +272,7 @@ def autotune(ts, w13, w2, lora, out_dir, log):
         if T > 1:
             cost = lambda e: timed(e, (4, 16)) * timed(e, (16, 64))  # noqa: E731
             cur = cost(entry)
-            line += f" | lora {json.dumps({'GROUP_K': entry.get('GROUP_K', 64)})} {cur:.5f}"
+            line += f" | lora {json.dumps({'GROUP_K': entry.get('GROUP_K', 0)})} {cur:.5f}"
             for pin in LORA_PINS:
                 trial = _deep(entry, pin)
                 t = cost(trial)

@@ -328,29 +328,51 @@ def _load_run(sh_ptrs, b_base, sel, on, n, n_ok, R, stride_bn, RP: tl.constexpr)
 
 
 @triton.jit
-def _load_group(rowp, run, slot, j0, present_ptr, scale_ptr, b_ptr, e, stride_bs, stride_bse,
+def _run_ops(sh_ptrs, run, slot, j, present_ptr, scale_ptr, shared_ptr, b_ptr, e, stride_bs, stride_bse,
+             n, n_ok, R, stride_bn, stride_k, PROJ: tl.constexpr, KSPLIT: tl.constexpr, RP: tl.constexpr):
+    """Run j's expand operands, scaled: v (BLOCK_M, RP) fp32 and B^T (RP, BLOCK_N); vector loads
+    from scalar bases (the run's slot is one scalar); zeros when the block has no run j."""
+    sel, s, on = _run_slot(run, slot, j, present_ptr, PROJ)
+    if PROJ == 1:
+        sh_ptrs += RP * (1 - tl.load(shared_ptr + s))
+    v, b = _load_run(sh_ptrs, b_ptr + s.to(tl.int64) * stride_bs + e.to(tl.int64) * stride_bse,
+                     sel, on, n, n_ok, R, stride_bn, RP)
+    for ks in range(1, KSPLIT):
+        v += tl.load(sh_ptrs + ks * stride_k, mask=(sel & ((sel.to(tl.int32) * 0 + on.to(tl.int32)) != 0))[:, None],
+                     other=0.0)
+    return v * tl.load(scale_ptr + s * 3 + PROJ), b
+
+
+@triton.jit
+def _cat_k(v0, v1, b0, b1):
+    """[v0 | v1] along K (dim 1) and [b0 ; b1] along K (dim 0)."""
+    v = tl.reshape(tl.permute(tl.join(v0, v1), (0, 2, 1)), (v0.shape[0], 2 * v0.shape[1]))
+    b = tl.reshape(tl.permute(tl.join(b0, b1), (2, 0, 1)), (2 * b0.shape[0], b0.shape[1]))
+    return v, b
+
+
+@triton.jit
+def _load_group(sh_ptrs, run, slot, j0, present_ptr, scale_ptr, shared_ptr, b_ptr, e, stride_bs, stride_bse,
                 n, n_ok, R, stride_bn, stride_k, PROJ: tl.constexpr, KSPLIT: tl.constexpr,
                 RG: tl.constexpr, RP: tl.constexpr):
-    """Operands of runs j0 .. j0+RG-1 as ONE dot of K = RG*RP (no serial per-run dots):
-    v (BLOCK_M, RG*RP) fp32, row i's shrink (already scaled) in the columns of its run, 0 elsewhere;
-    b (RG*RP, BLOCK_N), the B^T of each column's run slot stacked. rowp: per-row pointer to the row's
-    shrink columns of this projection. Absent runs / projections load nothing (masked)."""
-    c = tl.arange(0, RG * RP)
-    cj = j0 + c // RP
-    cr = c % RP
-    m = run[:, None] == cj[None, :]
-    sj = tl.max(tl.where(m, slot[:, None], -1), axis=0)
-    sjc = tl.maximum(sj, 0)
-    on = (sj >= 0) & (cr < R)
-    on = on & (tl.load(present_ptr + sjc * 3 + PROJ, mask=on, other=0) != 0)
-    scale = tl.load(scale_ptr + sjc * 3 + PROJ, mask=on, other=0.0)
-    vm = m & on[None, :]
-    v = tl.load(rowp[:, None] + cr[None, :], mask=vm, other=0.0)
-    for ks in range(1, KSPLIT):
-        v += tl.load(rowp[:, None] + ks * stride_k + cr[None, :], mask=vm, other=0.0)
-    v = v * scale[None, :]
-    b = tl.load(b_ptr + sjc.to(tl.int64)[:, None] * stride_bs + e.to(tl.int64) * stride_bse
-                + n[None, :] * stride_bn + cr[:, None], mask=on[:, None] & n_ok[None, :], other=0.0)
+    """Runs j0 .. j0+RG-1 (RG in 1, 2, 4) as ONE dot of K = RG*RP: v (BLOCK_M, RG*RP), row i's
+    scaled shrink in the columns of its run, 0 elsewhere; b (RG*RP, BLOCK_N) the runs' B^T stacked.
+    All of the group's loads issue before its one dot."""
+    v, b = _run_ops(sh_ptrs, run, slot, j0, present_ptr, scale_ptr, shared_ptr, b_ptr, e, stride_bs,
+                    stride_bse, n, n_ok, R, stride_bn, stride_k, PROJ, KSPLIT, RP)
+    if RG >= 2:
+        v1, b1 = _run_ops(sh_ptrs, run, slot, j0 + 1, present_ptr, scale_ptr, shared_ptr, b_ptr, e, stride_bs,
+                          stride_bse, n, n_ok, R, stride_bn, stride_k, PROJ, KSPLIT, RP)
+        if RG == 4:
+            v2, b2 = _run_ops(sh_ptrs, run, slot, j0 + 2, present_ptr, scale_ptr, shared_ptr, b_ptr, e,
+                              stride_bs, stride_bse, n, n_ok, R, stride_bn, stride_k, PROJ, KSPLIT, RP)
+            v3, b3 = _run_ops(sh_ptrs, run, slot, j0 + 3, present_ptr, scale_ptr, shared_ptr, b_ptr, e,
+                              stride_bs, stride_bse, n, n_ok, R, stride_bn, stride_k, PROJ, KSPLIT, RP)
+            v01, b01 = _cat_k(v, v1, b, b1)
+            v23, b23 = _cat_k(v2, v3, b2, b3)
+            v, b = _cat_k(v01, v23, b01, b23)
+        else:
+            v, b = _cat_k(v, v1, b, b1)
     return v, b
 
 
@@ -436,12 +458,11 @@ def gate_up_kernel(
         au_on = ((r < R) & ((r * 0 + (u_on & (sh0 == 0)).to(tl.int32)) != 0))[None, :]
     elif HAS_LORA and RG > 0:  # grouped expand: RG runs per dot
         run, nruns = _block_runs(sorted_ids_ptr, token_lora_ptr, rows, slot, pid_m, P, S, TOPK, BLOCK_M)
-        gp = xa_ptr + rows * stride_xam
-        up = gp + RP * (1 - tl.load(shared_ptr + tl.maximum(slot, 0)))
+        gp = xa_ptr + rows[:, None] * stride_xam + r[None, :]
         if PREFETCH:  # the first group's operands load while the K loop streams weights
-            vg0, bg0 = _load_group(gp, run, slot, 0, present_ptr, scale_ptr, w1b_ptr, e, stride_bs, stride_bse,
+            vg0, bg0 = _load_group(gp, run, slot, 0, present_ptr, scale_ptr, shared_ptr, w1b_ptr, e, stride_bs, stride_bse,
                                    n, n_ok, R, stride_bn, stride_xak, 0, KSPLIT, RG, RP)
-            vu0, bu0 = _load_group(up, run, slot, 0, present_ptr, scale_ptr, w3b_ptr, e, stride_bs, stride_bse,
+            vu0, bu0 = _load_group(gp, run, slot, 0, present_ptr, scale_ptr, shared_ptr, w3b_ptr, e, stride_bs, stride_bse,
                                    n, n_ok, R, stride_bn, stride_xak, 1, KSPLIT, RG, RP)
     elif HAS_LORA:
         run, nruns = _block_runs(sorted_ids_ptr, token_lora_ptr, rows, slot, pid_m, P, S, TOPK, BLOCK_M)
@@ -509,9 +530,9 @@ def gate_up_kernel(
             acc_u = _dot(vu0.to(bu0.dtype), bu0, acc_u, UPCAST, PREC)
             j0 = RG
         for j in range(j0, nruns, RG):
-            vg, bg = _load_group(gp, run, slot, j, present_ptr, scale_ptr, w1b_ptr, e, stride_bs, stride_bse,
+            vg, bg = _load_group(gp, run, slot, j, present_ptr, scale_ptr, shared_ptr, w1b_ptr, e, stride_bs, stride_bse,
                                  n, n_ok, R, stride_bn, stride_xak, 0, KSPLIT, RG, RP)
-            vu, bu = _load_group(up, run, slot, j, present_ptr, scale_ptr, w3b_ptr, e, stride_bs, stride_bse,
+            vu, bu = _load_group(gp, run, slot, j, present_ptr, scale_ptr, shared_ptr, w3b_ptr, e, stride_bs, stride_bse,
                                  n, n_ok, R, stride_bn, stride_xak, 1, KSPLIT, RG, RP)
             acc_g = _dot(vg.to(bg.dtype), bg, acc_g, UPCAST, PREC)
             acc_u = _dot(vu.to(bu.dtype), bu, acc_u, UPCAST, PREC)
@@ -552,7 +573,7 @@ def down_kernel(
     h_ptr,  # (M_MAX, I) by sorted row
     w2_ptr,  # (E, H, I)
     b2_ptr,  # (E, H) bias (read only if HAS_BIAS)
-    y_ptr,  # (P, H) out: topk_weight * expert output per (token, k) pair; ATOMIC_SUM: (T, H) fp32 += it
+    y_ptr,  # (P, H) out: topk_weight * expert output per (token, k) pair
     topk_w_ptr,  # (P,) router weights
     sorted_ids_ptr,  # (M_MAX,) int32
     block_expert_ptr,  # (NB_MAX,) int32
@@ -569,7 +590,7 @@ def down_kernel(
     stride_as, stride_ae, stride_ar, stride_bs, stride_bse, stride_bn,
     # meta
     KSPLIT: tl.constexpr, TOPK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
-    FUSE: tl.constexpr, PREFETCH: tl.constexpr, RG: tl.constexpr, ATOMIC_SUM: tl.constexpr,
+    FUSE: tl.constexpr, PREFETCH: tl.constexpr, RG: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     RP: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
 ):
@@ -596,9 +617,9 @@ def down_kernel(
         a_on = ((r < R) & ((r * 0 + d_on.to(tl.int32)) != 0))[None, :]
     elif HAS_LORA and RG > 0:  # grouped expand: RG runs per dot
         run, nruns = _block_runs(sorted_ids_ptr, token_lora_ptr, rows, slot, pid_m, P, S, TOPK, BLOCK_M)
-        dp = ha_ptr + rows * stride_ham
+        dp = ha_ptr + rows[:, None] * stride_ham + r[None, :]
         if PREFETCH:
-            vd0, bd0 = _load_group(dp, run, slot, 0, present_ptr, scale_ptr, w2b_ptr, e, stride_bs, stride_bse,
+            vd0, bd0 = _load_group(dp, run, slot, 0, present_ptr, scale_ptr, present_ptr, w2b_ptr, e, stride_bs, stride_bse,
                                    n, n_ok, R, stride_bn, stride_hak, 2, KSPLIT, RG, RP)
     elif HAS_LORA:
         run, nruns = _block_runs(sorted_ids_ptr, token_lora_ptr, rows, slot, pid_m, P, S, TOPK, BLOCK_M)
@@ -644,7 +665,7 @@ def down_kernel(
             acc = _dot(vd0.to(bd0.dtype), bd0, acc, UPCAST, PREC)
             j0 = RG
         for j in range(j0, nruns, RG):
-            vd, bd = _load_group(dp, run, slot, j, present_ptr, scale_ptr, w2b_ptr, e, stride_bs, stride_bse,
+            vd, bd = _load_group(dp, run, slot, j, present_ptr, scale_ptr, present_ptr, w2b_ptr, e, stride_bs, stride_bse,
                                  n, n_ok, R, stride_bn, stride_hak, 2, KSPLIT, RG, RP)
             acc = _dot(vd.to(bd.dtype), bd, acc, UPCAST, PREC)
     elif HAS_LORA:
@@ -661,9 +682,5 @@ def down_kernel(
         acc += tl.load(b2_ptr + e.to(tl.int64) * stride_be + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     wt = tl.load(topk_w_ptr + ids, mask=valid, other=0.0).to(tl.float32)
     acc = acc * wt[:, None]
-    if ATOMIC_SUM:  # the sum over k here: y (T, H) fp32, zeroed; += per (token, k) pair
-        y_ptrs = y_ptr + tok.to(tl.int64)[:, None] * stride_ym + n[None, :]
-        tl.atomic_add(y_ptrs, acc, mask=valid[:, None] & n_ok[None, :], sem="relaxed")
-    else:
-        y_ptrs = y_ptr + ids.to(tl.int64)[:, None] * stride_ym + n[None, :]
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=valid[:, None] & n_ok[None, :])
+    y_ptrs = y_ptr + ids.to(tl.int64)[:, None] * stride_ym + n[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=valid[:, None] & n_ok[None, :])

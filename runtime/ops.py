@@ -159,14 +159,10 @@ def _launch(x, w13, w2, topk_ids, topk_weights, slots, token_lora, act, w13_bias
     meta = _meta(x, slots)
     lora = _lora_args(slots, token_lora, x)
     h = torch.empty(rt.num_blocks_max * bm, I, dtype=x.dtype, device=x.device)
-    atomic_sum = bool(cfg.get("SUM_IN_DOWN", False)) and k > 1
-    if atomic_sum:  # the down kernel adds each pair into fp32 (T, H) (atomics): no (T*k, H) pass
-        y = out.zero_() if x.dtype == torch.float32 else torch.zeros(T, H, dtype=torch.float32, device=x.device)
-    else:
-        y = torch.empty(T * k, H, dtype=x.dtype, device=x.device)
-    # GROUP_K: LoRA expand of GROUP_K // RP adapter runs of a block as one dot (0: one dot per run)
-    gk = int(cfg.get("GROUP_K", 64))
-    rg = max(1, gk // meta["RP"]) if gk else 0
+    y = torch.empty(T * k, H, dtype=x.dtype, device=x.device)
+    # GROUP_K: LoRA expand of GROUP_K // RP (1, 2 or 4) adapter runs of a block as one dot (0: one per run)
+    gk = int(cfg.get("GROUP_K", 0))
+    rg = min(4, max(1, gk // meta["RP"])) if gk else 0
     xa = ha = None
     if has_lora and not fuse:  # shrink results: cols [gate | up | down], RP each, fp32, zeroed
         rp = meta["RP"]
@@ -176,11 +172,8 @@ def _launch(x, w13, w2, topk_ids, topk_weights, slots, token_lora, act, w13_bias
     _gate_up(x, w13, w13_bias, h, rt, lora, xa, ha, act, k, fuse, down_in_gu, cfg["gate_up"], meta, rg)
     if has_lora and not fuse and not down_in_gu:
         _shrink(h, slots.w2_a, slots.w2_a, ha, rt, slots, k, False, cfg["shrink"], meta)
-    _down(h, w2, w2_bias, y, topk_weights.reshape(-1), rt, lora, ha, k, fuse, cfg["down"], meta, rg, atomic_sum)
-    if not atomic_sum:
-        torch.sum(y.view(T, k, H), dim=1, out=out)
-    elif y is not out:
-        out.copy_(y)
+    _down(h, w2, w2_bias, y, topk_weights.reshape(-1), rt, lora, ha, k, fuse, cfg["down"], meta, rg)
+    torch.sum(y.view(T, k, H), dim=1, out=out)
 
 
 def _lora_args(slots, token_lora, x):
@@ -247,8 +240,8 @@ def _gate_up(x, w13, bias, h, rt, lora, xa, ha, act, k, fuse, down_in_gu, cfg, m
         BLOCK_M=bm, EVEN_K=H % cfg["BLOCK_K"] == 0, **meta, **cfg)
 
 
-def _down(h, w2, bias, y, topk_w, rt, lora, ha, k, fuse, cfg, meta, rg, atomic_sum):
-    """y (P, H) = topk_weight * (h W2^T + dW2 + b2) per pair (atomic_sum: y (T, H) fp32 += that)."""
+def _down(h, w2, bias, y, topk_w, rt, lora, ha, k, fuse, cfg, meta, rg):
+    """y (P, H) = topk_weight * (h W2^T + dW2 + b2) per pair."""
     E, H, I = w2.shape
     ha = ha if ha is not None else h.new_empty(1, 1, dtype=torch.float32)
     b = bias if bias is not None else h.new_empty(1, 1)
@@ -257,9 +250,9 @@ def _down(h, w2, bias, y, topk_w, rt, lora, ha, k, fuse, cfg, meta, rg, atomic_s
     kernels.down_kernel[grid](
         h, w2, b, y, topk_w, rt.sorted_ids, rt.block_expert, lora["token_lora"], ha, lora["w2_a"],
         lora["w2_b"], lora["scaling"], lora["present"],
-        H, I, lora["R"], topk_w.numel(), lora["S"], rt.num_blocks_max,
+        H, I, lora["R"], y.shape[0], lora["S"], rt.num_blocks_max,
         h.stride(0), w2.stride(0), w2.stride(1), b.stride(0), y.stride(0), 0, ha.stride(0),
         a.stride(0), a.stride(1), a.stride(2), bb.stride(0), bb.stride(1), bb.stride(2),
         KSPLIT=1, TOPK=k, HAS_BIAS=bias is not None, HAS_LORA=lora["S"] > 0, FUSE=fuse,
-        PREFETCH=_prefetch(rt.block_m, cfg["BLOCK_N"], meta["RP"] * max(rg, 1)), RG=rg, ATOMIC_SUM=atomic_sum,
+        PREFETCH=_prefetch(rt.block_m, cfg["BLOCK_N"], meta["RP"] * max(rg, 1)), RG=rg,
         BLOCK_M=rt.block_m, EVEN_K=I % cfg["BLOCK_K"] == 0, **meta, **cfg)

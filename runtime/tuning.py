@@ -33,10 +33,9 @@ def default_config(num_tokens, num_experts, top_k):
     # DOWN_IN_GATE_UP: down shrink in the gate/up epilogue (one launch less): wins while blocks
     # hold few adapter runs (T <= 32 on the H200 at E=128, k=8), loses beyond
     # GROUP_K: the LoRA expand of a block's adapter runs as dots of K = GROUP_K (GROUP_K // rank runs
-    # each, one-hot columns) instead of one masked dot per run; 0 = one dot per run
-    # SUM_IN_DOWN: the down kernel adds into a zeroed fp32 (T, H) with atomics (no sum-over-k pass)
+    # each, at most 4, one-hot columns) instead of one masked dot per run; 0 = one dot per run
     return {"gate_up": gu, "down": dn, "shrink": shrink, "FUSE": rows <= 0.125,
-            "DOWN_IN_GATE_UP": rows <= 2, "GROUP_K": 64, "SUM_IN_DOWN": False}
+            "DOWN_IN_GATE_UP": rows <= 2, "GROUP_K": 0}
 
 
 def shape_key(num_experts, hidden, inter, top_k, dtype_name):
@@ -54,7 +53,7 @@ def _table(device_name):
 def _merge(base, override):
     """Flat keys apply to every kernel they name; nested 'gate_up'/'down'/'shrink' win."""
     out = {kern: (dict(cfg) if isinstance(cfg, dict) else cfg) for kern, cfg in base.items()}
-    for flag in ("FUSE", "DOWN_IN_GATE_UP", "SUM_IN_DOWN"):
+    for flag in ("FUSE", "DOWN_IN_GATE_UP"):
         if flag in override:
             out[flag] = bool(override[flag])
     if "GROUP_K" in override:

@@ -109,7 +109,7 @@ def test_empty_experts():
 
 
 MODES = [{"FUSE": False, "DOWN_IN_GATE_UP": False}, {"FUSE": False, "DOWN_IN_GATE_UP": True},
-         {"FUSE": True}, {"FUSE": False, "GROUP_K": 0}, {"FUSE": False, "GROUP_K": 16}]  # the LoRA paths
+         {"FUSE": True}, {"FUSE": False, "GROUP_K": 64}, {"FUSE": False, "GROUP_K": 32}]  # the LoRA paths
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -166,10 +166,9 @@ PINS = [
     {"DOWN_IN_GATE_UP": False, "shrink": {"SPLIT_K": 16, "BLOCK_K": 16}},  # down shrink kernel, split K
     {"FUSE": True},  # decode path: shrinks inside the base K loops, later runs recomputed
     {"FUSE": True, "BLOCK_M": 32, "BLOCK_K": 32},  # decode path with K tails and many runs a block
-    {"GROUP_K": 0},  # one expand dot per adapter run (no run groups)
+    {"GROUP_K": 64},  # 4 runs per expand dot (one-hot columns)
     {"GROUP_K": 32, "BLOCK_M": 32},  # 2 runs per expand dot: several groups in a block
-    {"SUM_IN_DOWN": True},  # sum over k by atomics in the down kernel
-    {"SUM_IN_DOWN": True, "DOWN_IN_GATE_UP": False, "GROUP_K": 0},
+    {"GROUP_K": 64, "DOWN_IN_GATE_UP": False, "shrink": {"SPLIT_K": 16, "BLOCK_K": 16}},  # + K partials
 ]
 
 
@@ -272,10 +271,11 @@ def test_strided_inputs():
     _close(out, moe_reference(x, w13, w2, ids, wts, adapters, tl_), 1e-4, 1e-4)
 
 
+
 @pytest.mark.parametrize("dtype,atol,rtol", DTYPES[1:])
-def test_sum_in_down_half_precision(monkeypatch, dtype, atol, rtol):
-    # atomics into an fp32 (T, H) buffer, then cast to x's dtype
-    monkeypatch.setenv("RELAYOUT_RUNTIME_CONFIG", json.dumps({"SUM_IN_DOWN": True}))
+def test_grouped_expand_half_precision(monkeypatch, dtype, atol, rtol):
+    # one-hot grouped expand (4 runs per dot) with half-precision operands
+    monkeypatch.setenv("RELAYOUT_RUNTIME_CONFIG", json.dumps({"GROUP_K": 64}))
     x, w13, w2, _, _, ids, wts, slots, adapters, tl_ = _case(12, 48, 40, 5, 2, dtype)
     out = moe_lora_forward(x, w13, w2, ids, wts, slots, tl_)
     _close(out, moe_reference(x, w13, w2, ids, wts, adapters, tl_), atol, rtol)
