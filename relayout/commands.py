@@ -5,7 +5,7 @@ import json
 import sys
 
 from relayout.convert import DTYPES, Loaded, convert, load_adapter
-from relayout.outputs import FORMATS, LATEST_PEFT, normalized_shapes, projection_scaling
+from relayout.outputs import FORMATS, LATEST_PEFT, normalized_shapes
 
 
 def _ranges(layers: list[int]) -> str:

@@ -3,16 +3,12 @@ from __future__ import annotations
 
 import json
 import os
-import string
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-import jsonschema
-
 from relayout.errors import RelayoutError
-from relayout.patterns import Pattern, parse
-from relayout.yamlsafe import Located, child_path, load_located
+from relayout.patterns import Pattern
 
 # The normalized layout (formats.md section 3): target name -> its axes.
 NORMALIZED = {

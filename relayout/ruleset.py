@@ -7,7 +7,7 @@ from pathlib import Path
 import jsonschema
 
 from relayout.errors import RelayoutError
-from relayout.rule import MERGED_DICTS, NOT_INHERITED, Problem, Rule, _schema, rule_paths
+from relayout.rule import MERGED_DICTS, NOT_INHERITED, RULES_ENV, Problem, Rule, _schema, rule_paths
 from relayout.semantics import build_rule
 from relayout.yamlsafe import Located, load_located
 
@@ -163,7 +163,7 @@ class RuleSet:
                 return rule
         known = sorted(a for r in self.rules.values() for a in r.architectures)
         raise RelayoutError(f"no rule serves architecture {architecture!r}; known: {', '.join(known)}. "
-                            f"Add a rule file with --rules DIR or ${'RELAYOUT_RULES'}")
+                            f"Add a rule file with --rules DIR or ${RULES_ENV}")
 
 
 def load_rules(extra: list[str | Path] = (), packaged: bool = True) -> RuleSet:

@@ -11,8 +11,6 @@ from relayout.rule import KEY_FIELDS, NORMALIZED, FusedParam, Layout, Problem, R
 if TYPE_CHECKING:
     from relayout.ruleset import Resolved
 
-ROLE_UNITS = {"gate": "gate", "up": "up", "down": "down"}
-
 
 class _Collector:
     def __init__(self, res: "Resolved"):
