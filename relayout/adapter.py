@@ -87,14 +87,34 @@ def _read_config(path: Path) -> dict:
         raise RelayoutError(f"{cfg}: not valid JSON: {exc}") from None
     if not isinstance(config, dict):
         raise RelayoutError(f"{cfg}: expected a JSON object")
-    for name in ("r", "lora_alpha"):
-        value = config.get(name, 1)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-            raise RelayoutError(f"{cfg}: {name} must be a positive number, got {value!r}")
-    for name in ("rank_pattern", "alpha_pattern"):
-        if not isinstance(config.get(name) or {}, dict):
+    _check_positive(cfg, "r", config.get("r", 1), integer=True)
+    _check_positive(cfg, "lora_alpha", config.get("lora_alpha", 1), integer=False)
+    for name, integer in (("rank_pattern", True), ("alpha_pattern", False)):
+        patterns = config.get(name) or {}
+        if not isinstance(patterns, dict):
             raise RelayoutError(f"{cfg}: {name} must be an object mapping module patterns to numbers")
+        for key, value in patterns.items():
+            try:
+                re.compile(key)
+            except re.error as exc:
+                raise RelayoutError(f"{cfg}: {name} key {key!r} is not a regular expression ({exc})") from None
+            _check_positive(cfg, f"{name}[{key!r}]", value, integer)
+    for name in ("peft_version", "base_model_name_or_path"):
+        if not isinstance(config.get(name) or "", str):
+            raise RelayoutError(f"{cfg}: {name} must be a string, got {config[name]!r}")
+    for name, kinds in (("target_modules", (str, list)), ("target_parameters", (list,))):
+        value = config.get(name) or []
+        if not isinstance(value, kinds) or not all(isinstance(v, str) for v in value):
+            raise RelayoutError(f"{cfg}: {name} must be {'a string or ' * (str in kinds)}a list of strings, "
+                                f"got {value!r}")
     return config
+
+
+def _check_positive(cfg: Path, name: str, value, integer: bool) -> None:
+    """A rank (integer) or alpha (number) from adapter_config.json: positive, and not a bool."""
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) or not 0 < value < math.inf:
+        raise RelayoutError(f"{cfg}: {name} must be a positive {'integer' if integer else 'number'}, got {value!r}")
 
 
 def _shards(path: Path) -> list[Path]:
