@@ -57,7 +57,9 @@ class Adapter:
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(iter(self.tensors.values())).dtype
+        """The LoRA tensors' dtype (one, as read_adapter checks); the first tensor's if no key names a LoRA."""
+        first = next(iter(self.tensors.values())).dtype
+        return next((t.dtype for k, t in self.tensors.items() if ".lora_" in k), first)
 
     def scaling(self, module: str, rank: int) -> float:
         """PEFT's scale for a module (model-relative name): alpha / r, or alpha / sqrt(r) under rsLoRA."""
@@ -144,6 +146,10 @@ def _check_dtypes(path: Path, tensors: dict[str, TensorInfo]) -> None:
     for key, info in tensors.items():
         if ".lora_" in key:
             by_dtype.setdefault(info.dtype, key)
+    for dtype, key in by_dtype.items():
+        if not dtype.is_floating_point:
+            raise RelayoutError(f"{path}: tensor '{key}' is {str(dtype).removeprefix('torch.')}: LoRA tensors must be "
+                                f"floating point")
     if len(by_dtype) > 1:
         listed = "; ".join(f"{str(d).removeprefix('torch.')} (e.g. '{k}')" for d, k in by_dtype.items())
         raise RelayoutError(f"{path}: LoRA tensors mix dtypes: {listed}; re-save the adapter in one dtype")

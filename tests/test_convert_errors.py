@@ -159,6 +159,8 @@ CASES = [
     ("dtype-mixture", "3d", _bf16(EXP.format(1) + "lora_B.weight"), [],
      r"LoRA tensors mix dtypes: float32 .*bfloat16 \(e\.g\. 'base_model\.model\.model\.layers\.1\.mlp\.experts\.lora_B"
      r"\.weight'\); re-save the adapter in one dtype"),
+    ("integer-lora", "3d", lambda f: edit_tensors(f, lambda sd: sd.update({k: v.int() for k, v in sd.items()})), [],
+     r"tensor '.*\.lora_[AB]\.weight' is int32: LoRA tensors must be floating point"),
     ("rank-vs-config-2d", "2d", _config(r=8), [],
      r"experts\.0\.gate_proj\.lora_A\.weight' dim 1: axis \(r\): expected 8 \(r=8\), got 4"),
     ("rank-vs-config-3d", "3d", _config(r=8), ["--model-config", MODEL_CONFIG],
@@ -338,6 +340,19 @@ def test_error_as_json(tmp_path, sources, capsys):
     result = json.loads(captured.out)
     assert code == 1 and result["ok"] is False and "would change nothing" in result["error"]
     assert not (tmp_path / "out").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+
+
+def test_integer_passthrough_tensor_does_not_set_the_output_dtype(tmp_path, sources):
+    """A non-LoRA int64 tensor listed first in the header: the LoRA tensors keep float32 (they were cast to int64)."""
+    folder = tmp_path / "in"
+    shutil.copytree(sources / "3d", folder)
+    edit_tensors(folder, lambda sd: sd.__setitem__("base_model.model.aaa.step", torch.arange(3)))
+    assert next(iter(relayout.load_adapter(folder, arch="qwen3_moe").adapter.tensors)) == "base_model.model.aaa.step"
+    relayout.convert(folder, tmp_path / "n.safetensors", to="normalized", arch="qwen3_moe", progress=False)
+    out = load_file(str(tmp_path / "n.safetensors"))
+    assert out["layers.0.w1.lora_a"].dtype == torch.float32 and out["passthrough.base_model.model.aaa.step"].dtype == torch.int64
+    source = load_file(str(folder / WEIGHTS))
+    assert torch.equal(out["layers.0.w2.lora_a"], source[EXP.format(0) + "lora_A.weight"].reshape(E, R, -1))
 
 
 def test_failure_mid_stream_leaves_no_file_for_normalized_file_output(tmp_path, sources):
