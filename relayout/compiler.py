@@ -136,13 +136,18 @@ def render_keys(rule: Rule, t: TensorRule, units: tuple[str, ...], experts: int 
 
 
 def count_experts(rule: Rule, layout: Layout, units: tuple[str, ...], keys) -> int | None:
-    """For per-expert layouts: the number of experts named by the keys (None if the layout is not per-expert)."""
+    """For per-expert layouts: the number of experts named by the keys (None if the layout is not per-expert).
+
+    1 + the highest expert index, but never more than the indices found: a stray index (experts.3000000.) then
+    leaves a key the rendered keys do not account for, instead of rendering millions of keys.
+    """
     if not layout.per_expert:
         return None
     t = next(t for t in layout.tensors if t.unit in units)
     prefix, _, suffix = render_keys(rule, t, units, 1)[0].partition("0")
     found = {k[len(prefix):-len(suffix)] for k in keys if k.startswith(prefix) and k.endswith(suffix)}
-    return 1 + max((int(f) for f in found if f.isdigit()), default=-1)
+    indices = {int(f) for f in found if f.isascii() and f.isdigit()}
+    return min(1 + max(indices, default=-1), len(indices))
 
 
 def _check_units(layout: Layout, units: tuple[str, ...], where: str) -> tuple[str, ...]:

@@ -175,6 +175,10 @@ CASES = [
      r"does not account for tensor\(s\) 'base_model\.model\.model\.layers\.0\.mlp\.experts\.lora_magnitude_vector'"),
     ("stray-2d-key-in-3d-block", "3d", _add(EXP.format(0) + "0.gate_proj.lora_A.weight", (R, H)), [],
      r"does not account for tensor\(s\) 'base_model\.model\.model\.layers\.0\.mlp\.experts\.0\.gate_proj\.lora_A"),
+    ("expert-index-huge", "2d", _add(EXP.format(0) + "3000000.gate_proj.lora_A.weight", (R, H)), [],  # was ~2 min
+     r"does not account for tensor\(s\) 'base_model\.model\.model\.layers\.0\.mlp\.experts\.3000000\.gate_proj"),
+    ("expert-index-superscript", "2d", _add(EXP.format(0) + "\u00b2.gate_proj.lora_A.weight", (R, H)), [],  # was ValueError
+     r"does not account for tensor\(s\) 'base_model\.model\.model\.layers\.0\.mlp\.experts\.\u00b2\.gate_proj"),
     ("all-expert-b-zero", "3d", _zero_expert_b, [],
      r"every expert LoRA is zero .*the converted adapter would change nothing"),
     ("missing-b-down", "3d", _drop(EXP.format(1) + "lora_B.weight"), [],
