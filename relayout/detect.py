@@ -148,10 +148,18 @@ def find_blocks(rule: Rule, adapter: Adapter) -> list[tuple[int, str, dict[str, 
         for template, regex in regexes:
             m = regex.match(rel)
             if m:
-                layer = int(m.group(1))
+                layer = _layer_number(adapter, key, m.group(1))
                 found.setdefault((layer, template.replace("{layer}", str(layer))), {})[m.group(2)] = key
                 break
     return [(layer, path, keys) for (layer, path), keys in sorted(found.items())]
+
+
+def _layer_number(adapter: Adapter, key: str, digits: str) -> int:
+    """A key's layer index as PEFT writes module names (str of an int): 'layers.01.' or a non-ASCII digit is an error."""
+    if not digits.isascii() or str(int(digits)) != digits:
+        raise RelayoutError(f"{adapter.path}: tensor '{key}': layer number {digits!r} is not how a model names its "
+                            f"layers (no leading zeros, ASCII digits): rename the key (e.g. 'layers.{int(digits)}.')")
+    return int(digits)
 
 
 def _unit_subsets(units: tuple[str, ...]) -> list[tuple[str, ...]]:

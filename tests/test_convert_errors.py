@@ -114,6 +114,10 @@ def _add(key, shape):
     return lambda folder: edit_tensors(folder, lambda sd: sd.__setitem__(key, torch.randn(shape)))
 
 
+def _rename(old, new):
+    return lambda folder: edit_tensors(folder, lambda sd: sd.update({k.replace(old, new): sd.pop(k) for k in list(sd)}))
+
+
 def _no_experts(folder):
     edit_tensors(folder, lambda sd: [sd.pop(k) for k in list(sd) if ".experts." in k])
 
@@ -179,6 +183,11 @@ CASES = [
      r"does not account for tensor\(s\) 'base_model\.model\.model\.layers\.0\.mlp\.experts\.3000000\.gate_proj"),
     ("expert-index-superscript", "2d", _add(EXP.format(0) + "\u00b2.gate_proj.lora_A.weight", (R, H)), [],  # was ValueError
      r"does not account for tensor\(s\) 'base_model\.model\.model\.layers\.0\.mlp\.experts\.\u00b2\.gate_proj"),
+    ("layer-leading-zero", "3d", _rename(".layers.1.", ".layers.01."), [],  # was silently written as layers.1
+     r"tensor 'base_model\.model\.model\.layers\.01\.mlp\.experts\..*': layer number '01' is not how a model "
+     r"names its layers .*'layers\.1\.'"),
+    ("layer-non-ascii-digit", "3d", _rename(".layers.1.", ".layers.\u0661."), [],  # Arabic-Indic 1: was layers.1
+     r"layer number '\u0661' is not how a model names its layers"),
     ("all-expert-b-zero", "3d", _zero_expert_b, [],
      r"every expert LoRA is zero .*the converted adapter would change nothing"),
     ("missing-b-down", "3d", _drop(EXP.format(1) + "lora_B.weight"), [],
