@@ -75,6 +75,16 @@ def _shared(adapter: Adapter, block: Block) -> bool:
     return all(torch.equal(read(g), read(u)) for g, u in zip(a["w1.lora_a"], a["w3.lora_a"]))
 
 
+def _one_block_per_layer(loaded: Loaded) -> None:
+    """The normalized layout is keyed by layer: two experts paths in one layer would write the same keys."""
+    seen: dict[int, str] = {}
+    for b in loaded.detected.blocks:
+        if seen.setdefault(b.layer, b.experts) != b.experts:
+            raise RelayoutError(f"{loaded.adapter.path}: layer {b.layer} has expert LoRAs at both '{seen[b.layer]}' "
+                                f"and '{b.experts}'; the normalized layout holds one block per layer (peft-2d and "
+                                f"peft-3d keep both)")
+
+
 def iter_normalized(loaded: Loaded, device: str = "cpu", dtype: str | None = None):
     """Yield (layer, {proj: (lora_a, lora_b, scaling)}) block by block, in memory: what runtime.LoraSlots.load takes.
 
@@ -82,6 +92,7 @@ def iter_normalized(loaded: Loaded, device: str = "cpu", dtype: str | None = Non
     """
     if dtype is not None and dtype not in DTYPES:
         raise RelayoutError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    _one_block_per_layer(loaded)
     try:
         for block in loaded.detected.blocks:
             normalized = forward(block.plan, _load_block(loaded.adapter, block, torch.device(device)))
@@ -181,6 +192,8 @@ def convert(adapter: str | Path | Loaded, out: str | Path, to: str, *, arch: str
     if dtype is not None and dtype not in DTYPES:
         raise RelayoutError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     loaded = adapter if isinstance(adapter, Loaded) else load_adapter(adapter, arch, model_config, layout, rules)
+    if to == "normalized":
+        _one_block_per_layer(loaded)
     out = Path(out)
     tmp = _prepare_out(out, loaded.adapter.path, force)
     try:

@@ -368,6 +368,26 @@ def test_integer_passthrough_tensor_does_not_set_the_output_dtype(tmp_path, sour
     assert torch.equal(out["layers.0.w2.lora_a"], source[EXP.format(0) + "lora_A.weight"].reshape(E, R, -1))
 
 
+def test_normalized_refuses_two_expert_blocks_in_one_layer(tmp_path, sources):
+    """Qwen3.5-MoE experts at model.language_model.layers.0 and model.layers.0: normalized keys would collide
+    (was a raw RuntimeError from the writer, and iter_normalized yielded layer 0 twice); peft-2d keeps both."""
+    folder = tmp_path / "in"
+    shutil.copytree(sources / "3d", folder)
+    wrapped = "base_model.model.model.language_model.layers.0.mlp.experts."
+    edit_tensors(folder, lambda sd: sd.update({k.replace(EXP.format(0), wrapped): v.clone() for k, v in sd.items()
+                                               if k.startswith(EXP.format(0))}))
+    loaded = relayout.load_adapter(folder, arch="qwen3_5_moe")
+    message = r"layer 0 has expert LoRAs at both 'model\.language_model\.layers\.0\.mlp\.experts' and " \
+              r"'model\.layers\.0\.mlp\.experts'; the normalized layout holds one block per layer"
+    with pytest.raises(RelayoutError, match=message):
+        relayout.convert(loaded, tmp_path / "n.safetensors", to="normalized", progress=False)
+    with pytest.raises(RelayoutError, match=message):
+        list(relayout.iter_normalized(loaded))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+    relayout.convert(loaded, tmp_path / "2d", to="peft-2d", progress=False)
+    assert sum(".layers.0.mlp.experts." in k for k in load_file(str(tmp_path / "2d" / WEIGHTS))) == 2 * 6 * E
+
+
 def test_failure_mid_stream_leaves_no_file_for_normalized_file_output(tmp_path, sources):
     """NaN in the last layer: layer 0 was already written to the temporary file, which must disappear."""
     folder = tmp_path / "in"
