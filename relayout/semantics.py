@@ -84,6 +84,18 @@ def _check_tensor(t: dict, pattern: Pattern, axes: dict[str, int], bound_elsewhe
         add(path + ".pattern", f"the right side of {pattern.text()!r} must list plain axes, no groups")
 
 
+def _check_unit_names(layout: dict, data: dict, add, path: str) -> None:
+    """Units name the modules whose rank/alpha apply: projections in per-expert layouts, fused roles otherwise."""
+    if any("{expert}" in t["key"] for t in layout["tensors"]):
+        allowed, what = set(data.get("projections", {})), "projection"
+    else:
+        allowed, what = {p["role"] for p in data.get("fused", [])}, "fused role"
+    for i, t in enumerate(layout["tensors"]):
+        if t["unit"] not in allowed:
+            add(f"{path}.tensors[{i}].unit", f"unit {t['unit']!r} is not a declared {what} "
+                                              f"({', '.join(sorted(allowed)) or 'none'})")
+
+
 def _build_layout(name: str, layout: dict, data: dict, c: _Collector) -> Layout | None:
     path = f"$.layouts.{name}"
     templates, axes = data.get("templates", {}), data.get("axes", {})
@@ -114,6 +126,7 @@ def _build_layout(name: str, layout: dict, data: dict, c: _Collector) -> Layout 
         tensors.append(TensorRule(t["unit"], t["key"], pattern, targets, t.get("split"),
                                   tuple(t["diagonal"]) if "diagonal" in t else None))
     units = {t["unit"] for t in layout["tensors"]}
+    _check_unit_names(layout, data, c.add, path)
     for unit, product in layout.get("rank", {}).items():
         if unit not in units:
             c.add(f"{path}.rank.{unit}", f"unit {unit!r} has no tensors in layout {name!r}")

@@ -246,6 +246,9 @@ BROKEN = {
                                            "unknown field {foo}"),
     "undeclared-projection": lambda: _case_toy('key: "{proj[down]}.lora_B.weight"', 'key: "{proj[shared]}.lora_B.weight"',
                                                f"{T}[3].key", "projection 'shared' is not declared"),
+    "unit-not-a-fused-role": lambda: _case_toy('{unit: down, key: "{fused[down]}.lora_A.weight"',  # was StopIteration
+                                               '{unit: shared, key: "{fused[down]}.lora_A.weight"', f"{T}[2].unit",
+                                               "unit 'shared' is not a declared fused role (down, gate_up)"),
     "undeclared-fused-role": lambda: _case_toy('key: "{fused[down]}.lora_A.weight"', 'key: "{fused[up]}.lora_A.weight"',
                                                f"{T}[2].key", "fused role 'up' is not declared"),
     "unknown-top-level-key": lambda: _case_toy("description: toy MoE", "descripton: toy MoE", "$.descripton",
