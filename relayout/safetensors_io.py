@@ -53,6 +53,8 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     if not isinstance(header, dict):
         raise RelayoutError(f"{path}: corrupt safetensors header (not an object)")
     meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise RelayoutError(f"{path}: corrupt safetensors header (__metadata__ is not an object of strings)")
     infos = {}
     for key, entry in header.items():
         infos[key] = _info(path, key, entry, 8 + n, size)
@@ -67,6 +69,8 @@ def _info(path: Path, key: str, entry: dict, base: int, size: int) -> TensorInfo
     except (KeyError, TypeError, ValueError):
         raise RelayoutError(f"{path}: tensor {key!r}: unsupported or corrupt header entry {entry!r}") from None
     expected = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if min(shape, default=0) < 0:
+        raise RelayoutError(f"{path}: tensor {key!r}: negative dimension in shape {list(shape)}")
     if end - begin != expected or begin < 0:
         raise RelayoutError(f"{path}: tensor {key!r}: {end - begin} bytes for shape {list(shape)} {entry['dtype']}, "
                             f"expected {expected}")

@@ -92,6 +92,25 @@ def _huge_header(folder):
     (folder / WEIGHTS).write_bytes(bytes(data))
 
 
+def _edit_header(change):
+    """Rewrite the safetensors header JSON in place (the data bytes stay where they are)."""
+    def mutate(folder):
+        data = (folder / WEIGHTS).read_bytes()
+        (n,) = struct.unpack("<Q", data[:8])
+        header = json.loads(data[8:8 + n])
+        change(header)
+        blob = json.dumps(header).encode()
+        blob += b" " * (-len(blob) % 8)
+        (folder / WEIGHTS).write_bytes(struct.pack("<Q", len(blob)) + blob + data[8 + n:])
+    return mutate
+
+
+def _negate_shape(key):
+    def change(header):
+        header[key]["shape"] = [-d for d in header[key]["shape"]]  # two dims: same byte count
+    return _edit_header(change)
+
+
 def _set(key, value, index=(0, 0)):
     def change(sd):
         sd[key][index] = value
@@ -155,6 +174,10 @@ CASES = [
      r"weights_only=True\), 'adapter_model\.safetensors'\)"),
     ("truncated", "3d", _truncate, [], r"adapter_model\.safetensors: truncated safetensors file: tensor '.*' ends at byte"),
     ("corrupt-header", "3d", _corrupt_header, [], r"adapter_model\.safetensors: corrupt safetensors header"),
+    ("metadata-not-strings", "3d", _edit_header(lambda h: h.__setitem__("__metadata__", "pt")), [],  # was ValueError
+     r"adapter_model\.safetensors: corrupt safetensors header \(__metadata__ is not an object of strings\)"),
+    ("negative-shape", "3d", _negate_shape(Q_PROJ_A), [],  # was a RuntimeError from torch.empty
+     r"tensor '" + Q_PROJ_A.replace(".", r"\.") + r"': negative dimension in shape \[-4, -\d+\]"),
     ("header-too-long", "3d", _huge_header, [], r"corrupt or truncated safetensors file \(header of \d+ bytes"),
     ("nan-expert", "3d", _set(EXP.format(1) + "lora_B.weight", float("nan")), [],
      r"tensor 'base_model\.model\.model\.layers\.1\.mlp\.experts\.lora_B\.weight' holds 1 NaN/Inf value"),
