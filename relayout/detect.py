@@ -270,10 +270,13 @@ def detect_block(rule: Rule, adapter: Adapter, layer: int, block_path: str, keys
 
 
 def _pick(rule: Rule, adapter: Adapter, candidates: list[Block], prefix: str) -> Block:
+    def block_diagonal(b: Block) -> bool:  # the layout has a diagonal op (in the units this block has or not)
+        return any(t.diagonal for t in rule.layout(b.plan.layout).tensors)
+
     if len(candidates) > 1:  # a blockdiag layout without gate_up (down only) is its plain twin: keep the plain name
-        candidates = [b for b in candidates if "blockdiag" not in b.plan.layout or any(op.diagonal for op in b.plan.ops)]
+        candidates = [b for b in candidates if not block_diagonal(b) or any(op.diagonal for op in b.plan.ops)]
     if len(candidates) > 1:
-        diag = [b for b in candidates if "blockdiag" in b.plan.layout]
+        diag = [b for b in candidates if block_diagonal(b)]
         if diag and _is_block_diagonal(adapter, candidates[0].keys, diag[0].plan):
             candidates = diag
         else:

@@ -227,3 +227,26 @@ def test_convert_adapter_with_user_rule(user_dir, tmp_path, monkeypatch, how):
                 key = PREFIX.format(layer=layer) + f"{e}.{proj}"
                 assert torch.equal(got[f"layers.{layer}.{w}.lora_a"][e], src[key + ".lora_A.weight"])
                 assert torch.equal(got[f"layers.{layer}.{w}.lora_b"][e], src[key + ".lora_B.weight"])
+
+
+def test_block_diagonal_layout_is_found_by_its_diagonal_not_its_name(user_dir, tmp_path):
+    """A standalone rule whose block-diagonal layout is not named '*blockdiag*' (here 'peft-3d-joined'): detection
+    picks it for block-diagonal data by its `diagonal` op (the name test reported 'fits several layouts')."""
+    import relayout
+    from relayout.rule import packaged_rules_dir
+
+    base = (packaged_rules_dir() / "_gated_moe.yaml").read_text()
+    joined = base.replace("peft-3d-blockdiag", "peft-3d-joined").replace("name: gated_moe\nabstract: true\n", (
+        "name: toy_joined\narchitectures: [ToyJoinedForCausalLM]\n"
+        "experts: ['model.decoder.blocks.{layer}.moe.experts']\n"))
+    joined = joined.replace("projections: {gate: gate_proj, up: up_proj, down: down_proj}",
+                            "projections: {gate: fc_gate, up: fc_up, down: fc_down}")
+    joined = joined.replace("name: gate_up_proj,", "name: fc_gate_up,").replace("name: down_proj,", "name: fc_down,")
+    (tmp_path / "joined").mkdir()
+    (tmp_path / "joined" / "toy_joined.yaml").write_text(joined)
+    _toy_adapter(tmp_path / "adapter")  # gate and up A differ: peft-3d is written block-diagonal at rank 2r
+    relayout.convert(tmp_path / "adapter", tmp_path / "3d", "peft-3d", arch="ToyMoeForCausalLM", rules=[user_dir])
+    loaded = relayout.load_adapter(tmp_path / "3d", arch="ToyJoinedForCausalLM", rules=[tmp_path / "joined"])
+    assert {b.plan.layout for b in loaded.detected.blocks} == {"peft-3d-joined"}
+    assert {b.plan.rank("gate_up") for b in loaded.detected.blocks} == {R}
+
