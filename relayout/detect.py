@@ -52,12 +52,17 @@ def _version(text: str | None) -> tuple[int, ...] | None:
 
 
 def expected_orientation(rule: Rule, role: str, peft_version: str | None) -> str | None:
-    """'input' or 'output': which side PEFT's lora_A acts on for this fused parameter, by PEFT version."""
+    """'input' or 'output': which side PEFT's lora_A acts on for this fused parameter, by PEFT version.
+
+    None when unknown: no parsable version, not a fused role, or a rule without a peft_orientation table.
+    """
     version = _version(peft_version)
     if version is None or role not in {p.role for p in rule.fused}:
         return None
     param = rule.fused_param(role)
-    swap = next(s for until, s in rule.peft_orientation if until is None or version <= _version(until))
+    swap = next((s for until, s in rule.peft_orientation if until is None or version <= _version(until)), None)
+    if swap is None:
+        return None
     swapped = {"never": False, "always": True, "if_marked_transposed": param.marked_transposed,
                "if_not_marked_transposed": not param.marked_transposed}[swap]
     d1_is_input = param.storage == "e i o"

@@ -250,3 +250,27 @@ def test_block_diagonal_layout_is_found_by_its_diagonal_not_its_name(user_dir, t
     assert {b.plan.layout for b in loaded.detected.blocks} == {"peft-3d-joined"}
     assert {b.plan.rank("gate_up") for b in loaded.detected.blocks} == {R}
 
+
+def test_rule_without_peft_orientation_table(tmp_path):
+    """peft_orientation is optional: without it a version tells nothing (was StopIteration on convert and inspect)."""
+    import re
+
+    import relayout
+    from relayout.rule import packaged_rules_dir
+
+    base = (packaged_rules_dir() / "_gated_moe.yaml").read_text()
+    text = base.replace("name: gated_moe\nabstract: true\n", "name: toy_no_table\narchitectures: [ToyNoTable]\n"
+                        "experts: ['model.decoder.blocks.{layer}.moe.experts']\n")
+    text = re.sub(r"peft_orientation:\n(  - .*\n)+", "", text).replace("gate_proj", "fc_gate").replace(
+        "up_proj", "fc_up").replace("down_proj", "fc_down").replace("gate_fc_up", "fc_gate_up")
+    assert "peft_orientation" not in text and "fc_gate_up" in text
+    (tmp_path / "rules").mkdir()
+    (tmp_path / "rules" / "toy_no_table.yaml").write_text(text)
+    src = _toy_adapter(tmp_path / "adapter", layers=1)
+    options = dict(arch="ToyNoTable", rules=[tmp_path / "rules"])
+    relayout.convert(tmp_path / "adapter", tmp_path / "3d", "peft-3d", **options)  # lora_A on the input side
+    loaded = relayout.load_adapter(tmp_path / "3d", **options)
+    assert loaded.adapter.config["peft_version"] and loaded.detected.blocks[0].plan.layout == "peft-3d-blockdiag"
+    relayout.convert(loaded, tmp_path / "2d", "peft-2d")
+    back = load_file(str(tmp_path / "2d" / "adapter_model.safetensors"))
+    assert sorted(back) == sorted(src) and all(torch.equal(back[k], src[k]) for k in src)
