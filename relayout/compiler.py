@@ -150,6 +150,12 @@ def count_experts(rule: Rule, layout: Layout, units: tuple[str, ...], keys) -> i
     return min(1 + max(indices, default=-1), len(indices))
 
 
+def layout_keys(rule: Rule, layout: Layout, units: tuple[str, ...], keys) -> set[str]:
+    """The relative keys `units` of `layout` consume, for as many experts as the block's `keys` name."""
+    experts = count_experts(rule, layout, units, keys)
+    return {k for t in layout.tensors if t.unit in units for k in render_keys(rule, t, units, experts)}
+
+
 def _check_units(layout: Layout, units: tuple[str, ...], where: str) -> tuple[str, ...]:
     unknown = [u for u in units if u not in layout.units]
     if unknown or not units:
@@ -198,8 +204,7 @@ def _compile(rule: Rule, layout_name: str, units: tuple[str, ...], shapes: tuple
     experts = count_experts(rule, layout, units, shapes)
     if experts is not None and dict(known).get("e", experts) != experts:
         raise RelayoutError(f"{where}: keys name {experts} experts under '{block}', the model has {dict(known)['e']}")
-    used = {k for t in layout.tensors if t.unit in units for k in render_keys(rule, t, units, experts)}
-    extra = sorted(set(shapes) - used)
+    extra = sorted(set(shapes) - layout_keys(rule, layout, units, shapes))
     if extra:  # before binding: an unconsumed key is the problem to name, not the sizes it leaves unknown
         raise RelayoutError(f"{where}: the rule does not account for tensor(s) " + ", ".join(f"'{block}{k}'" for k in extra))
     sizes = _bind(rule, layout, units, shapes, ranks, dict(known), block, where, experts)

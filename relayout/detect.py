@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from relayout.adapter import PEFT_PREFIX, Adapter
-from relayout.compiler import Plan, compile_plan, count_experts, render_keys
+from relayout.compiler import Plan, compile_plan, count_experts, layout_keys
 from relayout.errors import RelayoutError
 from relayout.rule import Layout, Rule
 from relayout.ruleset import RuleSet
@@ -22,9 +22,6 @@ class Block:
     keys: dict[str, str]         # relative key -> full adapter key
     plan: Plan
     scaling: dict[str, float]    # unit -> PEFT scale of the source module
-
-    def full(self, relative: str) -> str:
-        return self.keys[relative]
 
 
 @dataclass
@@ -176,14 +173,12 @@ def _key_candidates(rule: Rule, keys) -> list[tuple[Layout, tuple[str, ...]]]:
     out = []
     for layout in rule.layouts:
         for units in _unit_subsets(layout.units):
-            experts = count_experts(rule, layout, units, keys)
-            wanted = {k for t in layout.tensors if t.unit in units for k in render_keys(rule, t, units, experts)}
-            if wanted == set(keys):
+            if layout_keys(rule, layout, units, keys) == set(keys):
                 out.append((layout, units))
     return out
 
 
-def _module(block_path: str, rule: Rule, layout: Layout, unit: str, expert: int = 0) -> str:
+def module_name(block_path: str, rule: Rule, layout: Layout, unit: str, expert: int = 0) -> str:
     """The PEFT module (or parameter) name a unit's rank/alpha patterns are matched against."""
     if layout.per_expert:
         return f"{block_path}.{expert}.{dict(rule.projections)[unit]}"
@@ -193,7 +188,7 @@ def _module(block_path: str, rule: Rule, layout: Layout, unit: str, expert: int 
 def _unit_config(adapter: Adapter, rule: Rule, layout: Layout, units, block_path: str, experts: int | None):
     ranks, scales = {}, {}
     for unit in units:
-        names = [_module(block_path, rule, layout, unit, e) for e in range(experts or 1)]
+        names = [module_name(block_path, rule, layout, unit, e) for e in range(experts or 1)]
         values = {(adapter.rank(n), adapter.scaling(n, adapter.rank(n))) for n in names}
         if len(values) > 1:
             raise RelayoutError(f"{adapter.path}: experts of '{names[0]}' have different rank/alpha in "
@@ -303,8 +298,7 @@ def _no_fit(rule, adapter, keys, shapes, known, prefix, errors, forced) -> str:
         if forced and layout.name != forced:
             continue
         for units in _unit_subsets(layout.units):
-            experts = count_experts(rule, layout, units, keys) or None
-            wanted = {k for t in layout.tensors if t.unit in units for k in render_keys(rule, t, units, experts)}
+            wanted = layout_keys(rule, layout, units, keys)
             score = len(wanted & set(keys)) - len(wanted - set(keys)) * 1e-3
             if score > overlap:
                 best, overlap = (layout, units), score

@@ -10,7 +10,7 @@ import torch
 
 from relayout.adapter import PEFT_PREFIX, Adapter
 from relayout.compiler import Plan, compile_inverse
-from relayout.detect import Block, Detected, expected_orientation
+from relayout.detect import Block, Detected, expected_orientation, module_name
 from relayout.errors import RelayoutError
 from relayout.rule import NORMALIZED, Rule
 
@@ -82,11 +82,8 @@ def plan_target(det: Detected, block: Block, fmt: str, shared: bool, peft_versio
     ranks = {}
     for unit in plan.units:
         proj = next(t.split(".")[0] for op in plan.ops if op.unit == unit for t in op.targets)
-        if layout.per_expert:
-            for e in range(plan.size("e")):
-                ranks[f"{path}.{e}.{dict(rule.projections)[unit]}"] = (plan.config_rank(unit), scales[proj])
-        else:
-            ranks[f"{path}.{rule.fused_param(unit).name}"] = (plan.config_rank(unit), scales[proj])
+        for e in range(plan.size("e") if layout.per_expert else 1):
+            ranks[module_name(path, rule, layout, unit, e)] = (plan.config_rank(unit), scales[proj])
     return TargetBlock(block, plan, PEFT_PREFIX + path + ".", ranks)
 
 
