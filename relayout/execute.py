@@ -56,6 +56,7 @@ def _rhs_after_diag(op: Op) -> str:
 
 
 def _take_diagonal(y: torch.Tensor, op: Op, block: str) -> torch.Tensor:
+    """y (op.rhs axes, e.g. two twob e i r) -> its diagonal blocks (two e i r); raises if another block is non-zero."""
     a, b = _axis_pos(op.rhs, op.diagonal[0]), _axis_pos(op.rhs, op.diagonal[1])
     moved = y.movedim((a, b), (0, 1))
     n = moved.shape[0]
@@ -84,6 +85,7 @@ def forward(plan: Plan, tensors: Mapping[str, torch.Tensor], block: str = "", fr
 
 
 def _gather_targets(op: Op, normalized: Mapping[str, torch.Tensor], block: str) -> torch.Tensor:
+    """The op's targets as one tensor over op.rhs without the second diagonal axis: stacked along split, else one."""
     if op.split:
         return torch.stack([normalized[t] for t in op.targets], dim=_axis_pos(_rhs_after_diag(op), op.split))
     first = normalized[op.targets[0]]
@@ -96,6 +98,7 @@ def _gather_targets(op: Op, normalized: Mapping[str, torch.Tensor], block: str) 
 
 
 def _put_diagonal(y: torch.Tensor, op: Op) -> torch.Tensor:
+    """Inverse of _take_diagonal: y (e.g. two e i r) -> op.rhs axes (two twob e i r), zero off the diagonal blocks."""
     a, b = _axis_pos(op.rhs, op.diagonal[0]), _axis_pos(op.rhs, op.diagonal[1])
     n = y.shape[a]
     full = y.new_zeros((n,) + y.shape).movedim(0, b)  # insert the second diagonal axis at its place
@@ -106,6 +109,7 @@ def _put_diagonal(y: torch.Tensor, op: Op) -> torch.Tensor:
 
 
 def _unrepeat(y: torch.Tensor, op: Op, block: str) -> tuple[torch.Tensor, str]:
+    """y (op.rhs axes) -> size 1 along each repeated axis (e of a '1 r h -> e r h' source), and its new axes text."""
     rhs = op.rhs.split()
     for axis in op.repeated:
         pos = rhs.index(axis)
