@@ -127,25 +127,31 @@ def _nest(rule: Rule, unit: str, units: tuple[str, ...]) -> str:
     return "base_layer." * (len(order) - 1 - order.index(unit)) if unit in order else ""
 
 
+def _key_fields(rule: Rule, t: TensorRule, units: tuple[str, ...]) -> dict:
+    """The values of a key template's fields other than {expert}."""
+    return dict(proj=dict(rule.projections), fused={p.role: p.name for p in rule.fused}, nest=_nest(rule, t.unit, units))
+
+
 def render_keys(rule: Rule, t: TensorRule, units: tuple[str, ...], experts: int | None) -> tuple[str, ...]:
     """Relative source keys of one tensor rule ({expert} expanded over 0..experts-1)."""
-    fields = dict(proj=dict(rule.projections), fused={p.role: p.name for p in rule.fused}, nest=_nest(rule, t.unit, units))
+    fields = _key_fields(rule, t, units)
     if "{expert}" not in t.key:
         return (t.key.format(expert="", **fields),)
     return tuple(t.key.format(expert=e, **fields) for e in range(experts or 0))
 
 
 def count_experts(rule: Rule, layout: Layout, units: tuple[str, ...], keys) -> int | None:
-    """For per-expert layouts: the number of experts named by the keys (None if the layout is not per-expert).
+    """For per-expert keys: the number of experts the keys name (None if no key of these units has {expert}).
 
     1 + the highest expert index, but never more than the indices found: a stray index (experts.3000000.) then
     leaves a key the rendered keys do not account for, instead of rendering millions of keys.
     """
-    if not layout.per_expert:
+    t = next((t for t in layout.tensors if t.unit in units and "{expert}" in t.key), None)
+    if t is None:
         return None
-    t = next(t for t in layout.tensors if t.unit in units)
-    prefix, _, suffix = render_keys(rule, t, units, 1)[0].partition("0")
-    found = {k[len(prefix):-len(suffix)] for k in keys if k.startswith(prefix) and k.endswith(suffix)}
+    prefix, _, suffix = t.key.format(expert="\0", **_key_fields(rule, t, units)).partition("\0")
+    found = {k[len(prefix):len(k) - len(suffix)] for k in keys
+             if len(k) > len(prefix) + len(suffix) and k.startswith(prefix) and k.endswith(suffix)}
     indices = {int(f) for f in found if f.isascii() and f.isdigit()}
     return min(1 + max(indices, default=-1), len(indices))
 

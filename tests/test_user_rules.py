@@ -274,3 +274,32 @@ def test_rule_without_peft_orientation_table(tmp_path):
     relayout.convert(loaded, tmp_path / "2d", "peft-2d")
     back = load_file(str(tmp_path / "2d" / "adapter_model.safetensors"))
     assert sorted(back) == sorted(src) and all(torch.equal(back[k], src[k]) for k in src)
+
+
+def test_per_expert_key_with_a_zero_before_the_expert_index(tmp_path):
+    """Key template 'experts_v0.{expert}...': experts are counted around the {expert} field, not the first '0'
+    (which found no expert and reported every key as unaccounted for)."""
+    import relayout
+
+    (tmp_path / "rules").mkdir()
+    (tmp_path / "rules" / "toy_v0.yaml").write_text(textwrap.dedent("""\
+        relayout: 1
+        name: toy_v0
+        extends: gated_moe
+        architectures: [ToyV0ForCausalLM]
+        experts: ["model.layers.{layer}.mlp"]
+        layouts:
+          per-expert-v0:
+            tensors:
+              - {unit: down, key: "experts_v0.{expert}.{proj[down]}.lora_A.weight", pattern: "e r i -> e r i", to: w2.lora_a}
+              - {unit: down, key: "experts_v0.{expert}.{proj[down]}.lora_B.weight", pattern: "e h r -> e h r", to: w2.lora_b}
+        """))
+    (tmp_path / "adapter").mkdir()
+    key = "base_model.model.model.layers.0.mlp.experts_v0.{}.down_proj.lora_{}.weight"
+    src = {key.format(e, ab): rand(*shape, seed=e) for e in range(E) for ab, shape in (("A", (R, I)), ("B", (H, R)))}
+    save_file(src, str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({"r": R, "lora_alpha": 2 * R}))
+    (_, got), = relayout.iter_normalized(relayout.load_adapter(tmp_path / "adapter", arch="ToyV0ForCausalLM",
+                                                                rules=[tmp_path / "rules"]))
+    assert torch.equal(got["w2"][0], torch.stack([src[key.format(e, "A")] for e in range(E)]))
+    assert torch.equal(got["w2"][1], torch.stack([src[key.format(e, "B")] for e in range(E)]))
