@@ -69,9 +69,17 @@ def expected_orientation(rule: Rule, role: str, peft_version: str | None) -> str
 def _read_model_config(path: Path) -> dict:
     path = path / "config.json" if path.is_dir() else path
     try:
-        return json.loads(path.read_text())
+        config = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise RelayoutError(f"{path}: cannot read model config: {exc}") from None
+    if not isinstance(config, dict):
+        raise RelayoutError(f"{path}: a model config is a JSON object, got {type(config).__name__}")
+    architectures = config.get("architectures") or []
+    if not isinstance(architectures, list) or not all(isinstance(a, str) for a in architectures):
+        raise RelayoutError(f"{path}: architectures must be a list of strings, got {architectures!r}")
+    if not isinstance(config.get("model_type") or "", str):
+        raise RelayoutError(f"{path}: model_type must be a string, got {config['model_type']!r}")
+    return config
 
 
 def model_sizes(rule: Rule, config: dict | None) -> dict[str, int]:

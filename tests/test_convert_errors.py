@@ -366,6 +366,19 @@ def test_no_architecture_for_keys(tmp_path, sources, capsys):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("config,message", [
+    ([], "a model config is a JSON object, got list"),  # was AttributeError
+    ({"architectures": 5}, "architectures must be a list of strings, got 5"),  # was TypeError
+    ({"architectures": "Qwen3MoeForCausalLM"}, "architectures must be a list of strings, got 'Qwen3MoeForCausalLM'"),
+    ({"model_type": 5}, "model_type must be a string, got 5"),
+])
+def test_malformed_model_config(tmp_path, sources, capsys, config, message):
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    code = main(["inspect", str(sources / "3d"), "--model-config", str(tmp_path / "config.json")])
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith(f"error: {tmp_path / 'config.json'}: ") and message in err, err
+
+
 def test_error_as_json(tmp_path, sources, capsys):
     folder = tmp_path / "in"
     shutil.copytree(sources / "3d", folder)
