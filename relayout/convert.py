@@ -60,6 +60,16 @@ class _Progress:
             sys.stderr.flush()
 
 
+def _device(name: str) -> torch.device:
+    """The --device to relayout on, checked up front: an unknown or unavailable one is a RelayoutError."""
+    try:
+        device = torch.device(name)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as exc:  # torch raises AssertionError for CUDA in a CPU-only build
+        raise RelayoutError(f"device {name!r} cannot be used: {exc}") from None
+    return device
+
+
 def _load_block(adapter: Adapter, block: Block, device: torch.device) -> dict[str, torch.Tensor]:
     return {rel: adapter.load(block.keys[rel]).to(device) for rel in block.plan.source_keys}
 
@@ -93,9 +103,10 @@ def iter_normalized(loaded: Loaded, device: str = "cpu", dtype: str | None = Non
     if dtype is not None and dtype not in DTYPES:
         raise RelayoutError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     _one_block_per_layer(loaded)
+    where = _device(device)
     try:
         for block in loaded.detected.blocks:
-            normalized = forward(block.plan, _load_block(loaded.adapter, block, torch.device(device)))
+            normalized = forward(block.plan, _load_block(loaded.adapter, block, where))
             if dtype is not None:
                 normalized = {k: v.to(DTYPES[dtype]) for k, v in normalized.items()}
             scales = projection_scaling(block)
@@ -191,6 +202,7 @@ def convert(adapter: str | Path | Loaded, out: str | Path, to: str, *, arch: str
         raise RelayoutError(f"unknown output format {to!r}; choose one of {', '.join(FORMATS)}")
     if dtype is not None and dtype not in DTYPES:
         raise RelayoutError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    where = _device(device)
     loaded = adapter if isinstance(adapter, Loaded) else load_adapter(adapter, arch, model_config, layout, rules)
     if to == "normalized":
         _one_block_per_layer(loaded)
@@ -204,7 +216,7 @@ def convert(adapter: str | Path | Loaded, out: str | Path, to: str, *, arch: str
             tmp.mkdir()
         target_file = file_out or tmp / (NORMALIZED_FILE if to == "normalized" else "adapter_model.safetensors")
         metadata = _normalized_metadata(loaded) if to == "normalized" else {"format": "pt"}
-        _write(loaded, targets, target_file, torch.device(device), DTYPES.get(dtype), metadata,
+        _write(loaded, targets, target_file, where, DTYPES.get(dtype), metadata,
                _Progress(len(targets), progress))
         if to != "normalized":
             config = peft_config(loaded.adapter, loaded.detected, targets, to, peft_version)

@@ -355,6 +355,21 @@ def test_unknown_format_or_dtype(tmp_path, sources, capsys, option, value, api_k
     assert not out.exists() and fingerprint(folder) == before
 
 
+@pytest.mark.parametrize("device", ["gpu", "cuda:0"])
+def test_unusable_device(tmp_path, sources, capsys, device):
+    """An unknown device, or CUDA on a machine without it: an error naming it (was a raw RuntimeError/AssertionError)."""
+    if device.startswith("cuda") and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    code = main(["convert", str(sources / "3d"), str(tmp_path / "out"), "--to", "peft-2d", "--arch", "qwen3_moe",
+                 "--device", device])
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith(f"error: device '{device}' cannot be used: "), err
+    loaded = relayout.load_adapter(sources / "3d", arch="qwen3_moe")
+    with pytest.raises(RelayoutError, match=f"device '{device}' cannot be used"):
+        next(relayout.iter_normalized(loaded, device=device))
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 def test_no_architecture_for_keys(tmp_path, sources, capsys):
     """Without --arch, an adapter whose keys no rule knows gets an error naming the options."""
     folder = tmp_path / "in"
