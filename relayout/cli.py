@@ -5,6 +5,7 @@ import argparse
 import json
 import sys
 
+from relayout.commands import add_commands
 from relayout.errors import RelayoutError
 from relayout.rule import packaged_rules_dir, rule_paths
 from relayout.ruleset import RuleSet
@@ -51,16 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", parents=[common], help="validate rule files")
     check.add_argument("paths", nargs="*", help=f"rule files or folders (default: {packaged_rules_dir()})")
     check.set_defaults(run=cmd_check)
-    _add_adapter_commands(sub, common)
-    return parser
-
-
-def _add_adapter_commands(sub, common) -> None:
-    try:
-        from relayout.commands import add_commands
-    except ImportError:  # adapter commands not built yet
-        return
     add_commands(sub, common)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
