@@ -31,6 +31,9 @@ def cmd_check(args) -> int:
     errors += [vars(p) for p in ruleset.problems]
     ok = not errors and bool(paths)
     lines = [f"{e['file']}:{e['line']}::{e['path']}: {e['message']}" for e in errors]
+    if args.verbose:  # what each rule serves and accepts
+        lines = [f"{r.file}: rule {r.name}: {', '.join(r.architectures)}; layouts {', '.join(r.layout_names)}"
+                 for r in ruleset.rules.values()] + lines
     if not paths:
         lines.append("no rule files found")
     lines.append(f"ok -- validation done ({len(paths)} files, {len(ruleset.rules)} rules)" if ok
@@ -47,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="extra rule files or folders (added to the packaged rules; also $RELAYOUT_RULES)")
     common.add_argument("-o", "--output", choices=("text", "json"), default="text")
     common.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
-    common.add_argument("-v", "--verbose", action="store_true")
+    common.add_argument("-v", "--verbose", action="store_true", help="check: list each rule, what it serves and accepts")
     sub = parser.add_subparsers(dest="command", required=True)
     check = sub.add_parser("check", parents=[common], help="validate rule files")
     check.add_argument("paths", nargs="*", help=f"rule files or folders (default: {packaged_rules_dir()})")

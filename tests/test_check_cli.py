@@ -19,6 +19,7 @@ import pytest
 
 from relayout.cli import main
 from relayout.rule import RULES_ENV, packaged_rules_dir
+from relayout.ruleset import load_rules
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -417,3 +418,10 @@ def test_plain_install_into_fresh_venv(tmp_path):
     ok = subprocess.run([str(exe), "check"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert "ok -- validation done" in ok.stdout
+
+
+def test_verbose_lists_each_rule(capsys):
+    assert main(["check", "-v"]) == 0
+    out = capsys.readouterr().out
+    assert "rule gpt_oss: GptOssForCausalLM; layouts peft-2d" in out and out.rstrip().endswith("rules)")
+    assert out.count(": rule ") == len(load_rules().rules)
