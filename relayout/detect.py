@@ -34,13 +34,7 @@ class Detected:
     blocks: list[Block]
     passthrough: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-
-    @property
-    def architecture(self) -> str:
-        """The architecture name that selected the rule (the rule's first when only keys decided)."""
-        names = _arch_of(self.model_config or {}) + self.how.split()[1:2]
-        return next((n for n in names if n in self.rule.architectures + self.rule.model_types),
-                    self.rule.architectures[0])
+    architecture: str = ""                       # the name that selected the rule (the rule's first for keys)
 
 
 def _version(text: str | None) -> tuple[int, ...] | None:
@@ -331,7 +325,9 @@ def detect(ruleset: RuleSet, adapter: Adapter, arch: str | None = None, model_co
                             f"{', '.join(_experts_templates(rule))}); there is nothing to relayout")
     consumed = {full for b in blocks for full in b.keys.values()}
     passthrough = [k for k in adapter.tensors if k not in consumed]
-    return Detected(rule, how, config, blocks, passthrough, _notes(rule, adapter, blocks, known))
+    served = rule.architectures + rule.model_types
+    name = arch or next((n for n in _arch_of(config or {}) if n in served), rule.architectures[0])
+    return Detected(rule, how, config, blocks, passthrough, _notes(rule, adapter, blocks, known), name)
 
 
 def _notes(rule: Rule, adapter: Adapter, blocks: list[Block], known: dict[str, int]) -> list[str]:
