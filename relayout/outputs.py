@@ -16,7 +16,6 @@ from relayout.rule import NORMALIZED, Rule
 
 FORMATS = ("peft-2d", "peft-3d", "normalized")
 PROJECTIONS = ("w1", "w3", "w2")
-ROLE_OF = {"w1": "gate", "w3": "up", "w2": "down"}
 LATEST_PEFT = "0.21.2"
 
 
